@@ -1,0 +1,269 @@
+"""Lenient parsing of raw RFC 5322 bytes into the few facts routing needs.
+
+Only the header section is parsed (``compat32``, which never raises on odd headers:
+``email.policy.default`` does on some Exchange Message-IDs).  Id headers are read by a
+forgiving tokenizer: missing angle brackets, commas, quotes, folding inside an id and
+free text around it are all seen in real mail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.header import decode_header, make_header
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import compat32
+from email.utils import getaddresses, parseaddr, parsedate_to_datetime
+
+__all__ = [
+    "ParsedMessage",
+    "automatic_reason",
+    "content_hash",
+    "decode_text",
+    "format_id",
+    "parse",
+    "parse_ids",
+    "strip_reply_prefixes",
+]
+
+MAX_ID_LEN = 998
+SYNTHETIC_DOMAIN = "synthetic.mailrouter.invalid"
+
+# Added by transport on the way in: two deliveries of the same message differ only here,
+# so they are left out of the content hash that makes ingest idempotent.
+TRACE_HEADERS = frozenset(
+    {
+        b"received",
+        b"return-path",
+        b"delivered-to",
+        b"x-original-to",
+        b"envelope-to",
+        b"x-envelope-to",
+        b"x-mailrouter-interaction",
+        b"x-mailrouter-routed-from",
+    }
+)
+
+_ANGLE_RE = re.compile(r"<([^<>]*)>")
+_WS_RE = re.compile(r"\s+")
+_REPLY_PREFIX_RE = re.compile(
+    r"^\s*((re|aw|sv|vs|antw|r|rif|réf|ref)\s*(\[\d+\]|\(\d+\))?\s*[:：]\s*)+", re.IGNORECASE
+)
+
+
+def decode_text(value: object) -> str:
+    """A header value as readable text: RFC 2047 decoded, raw 8-bit bytes as UTF-8."""
+    if value is None:
+        return ""
+    text = str(value)
+    try:
+        text = str(make_header(decode_header(text)))
+    except (ValueError, LookupError, UnicodeError, AssertionError):
+        pass  # a broken encoded-word stays as written: readable beats lost
+    # compat32 keeps undecodable bytes as surrogates; show them instead of failing later.
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return _WS_RE.sub(" ", text).strip()
+
+
+def _clean_id(token: str) -> str | None:
+    tok = _WS_RE.sub("", token).strip("\"'<>,;")
+    if not tok or len(tok) > MAX_ID_LEN:
+        return None
+    return tok
+
+
+def parse_ids(value: object) -> list[str]:
+    """Message-ids in a Message-ID / In-Reply-To / References value, in order, bare.
+
+    ``<a@b> <c@d>``, ``<a@b>,<c@d>``, ``"<a@b>"``, ``a@b c@d``, ids folded across lines
+    and free text such as ``Your message of Monday <a@b>`` all yield the ids.
+    """
+    if value is None:
+        return []
+    text = str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    text = text.replace("\r", "").replace("\n", "")
+    out: list[str] = []
+    bracketed = _ANGLE_RE.findall(text)
+    if bracketed:
+        candidates = bracketed
+    else:
+        # No angle brackets at all: whitespace/comma separated tokens that look like ids.
+        candidates = [t for t in re.split(r"[\s,]+", text) if "@" in t]
+    for cand in candidates:
+        cleaned = _clean_id(cand)
+        if cleaned and cleaned not in out:
+            out.append(cleaned)
+    return out
+
+
+def format_id(bare: str) -> str:
+    """The header form of a stored id."""
+    return f"<{bare}>"
+
+
+def strip_reply_prefixes(subject: str) -> str:
+    """``Re: RE: Aw: Order 7`` → ``Order 7`` (so a reply gets exactly one ``Re:``)."""
+    return _REPLY_PREFIX_RE.sub("", subject).strip()
+
+
+def _split_head(raw: bytes) -> tuple[bytes, bytes]:
+    data = raw.replace(b"\r\n", b"\n")
+    head, sep, body = data.partition(b"\n\n")
+    if not sep:
+        return data, b""
+    return head, body
+
+
+def content_hash(raw: bytes) -> str:
+    """SHA-256 of the message without trace headers, line endings normalised to LF."""
+    head, body = _split_head(raw)
+    h = hashlib.sha256()
+    keep = True
+    for line in head.split(b"\n"):
+        if line[:1] in (b" ", b"\t"):
+            if keep:
+                h.update(line + b"\n")
+            continue
+        name = line.split(b":", 1)[0].strip().lower()
+        keep = name not in TRACE_HEADERS
+        if keep:
+            h.update(line + b"\n")
+    h.update(b"\n")
+    h.update(body)
+    return h.hexdigest()
+
+
+def automatic_reason(msg: Message, envelope_sender: str | None = None) -> str | None:
+    """Why this message is machine-generated (RFC 3834 and common practice), or None.
+
+    Used to keep notices from answering bounces, auto-replies and list mail, which
+    would start mail loops or reply to a robot.
+    """
+    auto = decode_text(msg.get("Auto-Submitted")).lower()
+    if auto and auto.split(";")[0].strip() != "no":
+        return f"auto-submitted: {auto.split(';')[0].strip()}"
+    if envelope_sender == "" or decode_text(msg.get("Return-Path")).strip() == "<>":
+        return "null sender"
+    ctype = decode_text(msg.get("Content-Type")).lower()
+    if ctype.startswith("multipart/report"):
+        return "delivery or disposition report (multipart/report)"
+    if msg.get("X-Failed-Recipients") is not None:
+        return "bounce (X-Failed-Recipients)"
+    precedence = decode_text(msg.get("Precedence")).lower()
+    if precedence in ("bulk", "list", "junk", "auto_reply"):
+        return f"precedence: {precedence}"
+    for name in ("List-Id", "List-Unsubscribe", "List-Post"):
+        if msg.get(name) is not None:
+            return f"mailing list ({name})"
+    for name in ("X-Autoreply", "X-Autorespond", "X-Auto-Response", "X-Autogenerated"):
+        if msg.get(name) is not None:
+            return f"auto-reply ({name})"
+    sender = parseaddr(decode_text(msg.get("From")))[1].lower()
+    local = sender.split("@")[0]
+    if local in ("mailer-daemon", "postmaster"):
+        return f"bounce (from {local})"
+    subject = decode_text(msg.get("Subject")).lower()
+    for marker in ("auto:", "automatic reply", "auto-reply", "autoreply", "out of office",
+                   "undelivered mail returned", "delivery status notification",
+                   "mail delivery failed", "returned mail:"):
+        if subject.startswith(marker):
+            return f"automatic subject ({marker.rstrip(':')})"
+    return None
+
+
+@dataclass(frozen=True)
+class ParsedMessage:
+    raw: bytes
+    headers: Message = field(repr=False)
+    message_id: str
+    synthetic_id: bool
+    in_reply_to: list[str]
+    references: list[str]
+    from_name: str
+    from_email: str
+    reply_to_email: str
+    recipients: list[str]  # To and Cc addresses, lowercased
+    subject: str
+    date: datetime | None
+    content_hash: str
+    automatic: str | None
+    problem: str | None  # why it cannot be routed (held), or None
+
+    @property
+    def parents(self) -> list[str]:
+        """Ids this message replies to, nearest first: In-Reply-To, then References last→first."""
+        out: list[str] = []
+        for mid in [*self.in_reply_to, *reversed(self.references)]:
+            if mid != self.message_id and mid not in out:
+                out.append(mid)
+        return out
+
+    @property
+    def from_display(self) -> str:
+        if self.from_name and self.from_email:
+            return f"{self.from_name} <{self.from_email}>"
+        return self.from_email or self.from_name
+
+    def header(self, name: str) -> str:
+        return decode_text(self.headers.get(name))
+
+
+def _address(value: object) -> tuple[str, str]:
+    name, addr = parseaddr(decode_text(value))
+    return name.strip(), addr.strip().lower()
+
+
+def parse(raw: bytes, envelope_sender: str | None = None) -> ParsedMessage:
+    """Parse ``raw``; never raises on bad input (problems end up in ``.problem``)."""
+    msg = BytesParser(policy=compat32).parsebytes(raw, headersonly=True)
+    digest = content_hash(raw)
+    problem = None
+    if not raw.strip():
+        problem = "empty message"
+    elif not msg.keys():
+        problem = "no header fields (not an RFC 5322 message)"
+
+    own = parse_ids(msg.get("Message-ID"))
+    synthetic = not own
+    message_id = own[0] if own else f"{digest[:40]}@{SYNTHETIC_DOMAIN}"
+    in_reply_to = parse_ids(msg.get("In-Reply-To"))
+    references = parse_ids(" ".join(str(v) for v in msg.get_all("References") or []))
+
+    from_name, from_email = _address(msg.get("From"))
+    _rn, reply_to = _address(msg.get("Reply-To"))
+    recipients: list[str] = []
+    for _n, addr in getaddresses([decode_text(v) for n in ("To", "Cc")
+                                  for v in msg.get_all(n) or []]):
+        addr = addr.strip().lower()
+        if addr and addr not in recipients:
+            recipients.append(addr)
+
+    date = None
+    try:
+        date_raw = msg.get("Date")
+        if date_raw is not None:
+            date = parsedate_to_datetime(decode_text(date_raw))
+            date = date.replace(tzinfo=UTC) if date.tzinfo is None else date.astimezone(UTC)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        date = None
+
+    return ParsedMessage(
+        raw=raw,
+        headers=msg,
+        message_id=message_id,
+        synthetic_id=synthetic,
+        in_reply_to=in_reply_to[:1],
+        references=references,
+        from_name=from_name,
+        from_email=from_email,
+        reply_to_email=reply_to,
+        recipients=recipients,
+        subject=decode_text(msg.get("Subject")),
+        date=date,
+        content_hash=digest,
+        automatic=automatic_reason(msg, envelope_sender),
+        problem=problem,
+    )

@@ -1,0 +1,62 @@
+"""Schema migrations (Alembic) driven from code: ``mailrouter db upgrade`` and the start-up check."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from mailrouter.store.db import Database, SchemaError
+
+__all__ = ["current_revision", "ensure_schema", "head_revision", "upgrade"]
+
+log = logging.getLogger("mailrouter.store")
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def _config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(db: Database) -> str | None:
+    with db.engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(db: Database, revision: str = "head") -> tuple[str | None, str]:
+    """Bring the schema to ``revision``; returns (before, after)."""
+    before = current_revision(db)
+    cfg = _config()
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+    after = current_revision(db)
+    if before != after:
+        log.info("event=schema-upgrade from=%s to=%s", before or "empty", after)
+    return before, after or ""
+
+
+def ensure_schema(db: Database, auto_upgrade: bool) -> None:
+    """Upgrade (when allowed) or refuse clearly when the schema is not at head."""
+    head, current = head_revision(), current_revision(db)
+    if current == head:
+        return
+    if auto_upgrade:
+        upgrade(db)
+        return
+    raise SchemaError(
+        f"database schema is at {current or 'nothing (empty database)'}, this version needs "
+        f"{head}: run `mailrouter db upgrade` (or set database.auto_upgrade = true)"
+    )

@@ -1,0 +1,253 @@
+"""SQLAlchemy models: accounts, interactions, messages, transfers, the outbox, IMAP state.
+
+Message-IDs are stored bare (no angle brackets).  ``message_refs`` keeps every id a message
+points at (In-Reply-To and References), so thread resolution is an indexed lookup and a
+parent that arrives after its reply still finds its thread.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "Account",
+    "Base",
+    "Direction",
+    "ImapState",
+    "Interaction",
+    "Message",
+    "MessageRecipient",
+    "MessageRef",
+    "Outbox",
+    "OutboxKind",
+    "OutboxStatus",
+    "Transfer",
+    "utcnow",
+]
+
+# Stable constraint names make Alembic migrations portable between SQLite and PostgreSQL.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite's INTEGER PRIMARY KEY is its rowid; BigInteger there would lose autoincrement.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps go in and come out timezone-aware in UTC on every backend.
+
+    SQLite has no time zones: it stores naive UTC, and we put the zone back on the way out.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Direction(enum.StrEnum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
+class OutboxKind(enum.StrEnum):
+    DELIVER = "deliver"  # put an inbound message into an account's mailbox
+    NOTIFY = "notify"  # transfer notice to the customer
+    REPLY = "reply"  # agent reply to the customer
+
+
+class OutboxStatus(enum.StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"  # permanent: 5xx, or lifetime exceeded
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    address: Mapped[str] = mapped_column(String(320), unique=True)
+    transfer_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    transfer_notify: Mapped[bool] = mapped_column(Boolean, default=False)
+    transfer_template: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Interaction(Base):
+    __tablename__ = "interactions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    origin_account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    status: Mapped[str] = mapped_column(String(20), default="open")
+    unread: Mapped[bool] = mapped_column(Boolean, default=True)
+    distribution: Mapped[str] = mapped_column(String(20), default="queue")
+    assigned_agent: Mapped[str | None] = mapped_column(String(200))
+    customer_address: Mapped[str | None] = mapped_column(String(320))
+    customer_name: Mapped[str | None] = mapped_column(String(320))
+    subject: Mapped[str | None] = mapped_column(Text)
+    # Not a foreign key: interactions and messages would reference each other, and a
+    # cycle of constraints makes table creation order backend-specific.
+    last_customer_message_pk: Mapped[int | None] = mapped_column(BigId)
+    last_activity_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    account: Mapped[Account] = relationship(foreign_keys=[account_id], lazy="joined")
+    origin_account: Mapped[Account] = relationship(foreign_keys=[origin_account_id], lazy="joined")
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    __table_args__ = (
+        # Ingest is idempotent on (Message-ID, content hash); the accounts it was addressed
+        # to are in message_recipients.
+        UniqueConstraint("message_id", "content_hash", name="uq_messages_identity"),
+        Index("ix_messages_interaction", "interaction_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    interaction_id: Mapped[int | None] = mapped_column(ForeignKey("interactions.id"))
+    direction: Mapped[str] = mapped_column(String(10))
+    # The account the message was originally addressed to (inbound) or sent from (outbound).
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    # Where its copy was delivered when that differs from account_id (a routed message).
+    routed_to_account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id"))
+    message_id: Mapped[str] = mapped_column(String(998), index=True)
+    synthetic_id: Mapped[bool] = mapped_column(Boolean, default=False)
+    in_reply_to: Mapped[str | None] = mapped_column(Text)
+    references: Mapped[str | None] = mapped_column(Text)
+    from_addr: Mapped[str | None] = mapped_column(Text)
+    reply_to: Mapped[str | None] = mapped_column(Text)
+    to_addrs: Mapped[str | None] = mapped_column(Text)
+    subject: Mapped[str | None] = mapped_column(Text)
+    date: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    size: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    automatic: Mapped[str | None] = mapped_column(String(200))  # why it is auto-generated
+    status: Mapped[str] = mapped_column(String(10), default="stored")  # stored | held
+    hold_reason: Mapped[str | None] = mapped_column(Text)
+    rule: Mapped[str | None] = mapped_column(String(50))
+    action: Mapped[str | None] = mapped_column(String(30))
+    source: Mapped[str | None] = mapped_column(String(50))  # smtp, lmtp, imap, cli, replay
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+    account: Mapped[Account] = relationship(foreign_keys=[account_id], lazy="joined")
+    routed_to: Mapped[Account | None] = relationship(
+        foreign_keys=[routed_to_account_id], lazy="joined"
+    )
+
+
+class MessageRecipient(Base):
+    """Every account a message was addressed to (a Cc to sales@ and support@ is one message)."""
+
+    __tablename__ = "message_recipients"
+
+    message_pk: Mapped[int] = mapped_column(ForeignKey("messages.id"), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+
+
+class MessageRef(Base):
+    """One id a message points at: position 0 is In-Reply-To, then References nearest-first."""
+
+    __tablename__ = "message_refs"
+
+    message_pk: Mapped[int] = mapped_column(ForeignKey("messages.id"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ref_id: Mapped[str] = mapped_column(String(998), index=True)
+
+
+class Transfer(Base):
+    __tablename__ = "transfers"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    interaction_id: Mapped[int] = mapped_column(ForeignKey("interactions.id"), index=True)
+    from_account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    to_account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    actor: Mapped[str | None] = mapped_column(String(200))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    # queued | suppressed | off — "sent"/"failed" are read from the outbox row.
+    notification: Mapped[str] = mapped_column(String(20), default="off")
+    notification_reason: Mapped[str | None] = mapped_column(Text)
+    notification_message_id: Mapped[str | None] = mapped_column(String(998))
+    notification_outbox_id: Mapped[int | None] = mapped_column(ForeignKey("outbox.id"))
+
+    from_account: Mapped[Account] = relationship(foreign_keys=[from_account_id], lazy="joined")
+    to_account: Mapped[Account] = relationship(foreign_keys=[to_account_id], lazy="joined")
+
+
+class Outbox(Base):
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_due", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(10))
+    interaction_id: Mapped[int | None] = mapped_column(ForeignKey("interactions.id"))
+    message_pk: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))
+    # deliver: the account whose mailbox receives it; notify/reply: the sending account.
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    envelope_from: Mapped[str] = mapped_column(String(320), default="")
+    envelope_to: Mapped[str] = mapped_column(Text, default="")  # comma-separated
+    status: Mapped[str] = mapped_column(String(10), default=OutboxStatus.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    deadline: Mapped[datetime] = mapped_column(UTCDateTime())
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    account: Mapped[Account] = relationship(lazy="joined")
+
+
+class ImapState(Base):
+    __tablename__ = "imap_state"
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(500), primary_key=True)
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -1,0 +1,33 @@
+"""Shared fixtures: settings built per test, a fresh store, the example fixtures folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+CORPORA = ROOT.parent / "shared" / "corpora"
+REQUIRE_SERVERS = os.environ.get("MAILROUTER_REQUIRE_SERVERS") == "1"
+IN_CI = os.environ.get("CI") == "true" or REQUIRE_SERVERS
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip with ``reason`` on a laptop; fail in CI, where the thing must be there."""
+    if condition:
+        return
+    if REQUIRE_SERVERS:
+        pytest.fail(f"required in CI (MAILROUTER_REQUIRE_SERVERS=1): {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def corpora() -> Path:
+    """The third-party corpora beside the repository (../shared/corpora)."""
+    if not CORPORA.is_dir():
+        if IN_CI:
+            pytest.fail(f"{CORPORA} is missing (CI must have ../shared)")
+        pytest.skip(f"{CORPORA} not present")
+    return CORPORA
