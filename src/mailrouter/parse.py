@@ -12,7 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.header import decode_header, make_header
+from email.header import Header, decode_header, make_header
 from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
@@ -54,11 +54,29 @@ _REPLY_PREFIX_RE = re.compile(
 )
 
 
+def _header_text(value: object) -> str:
+    """A header value as a str, encoded-words still encoded, raw 8-bit bytes read as UTF-8."""
+    if isinstance(value, Header):
+        # compat32 wraps a value holding raw 8-bit bytes (RFC 6532 UTF-8 headers, legacy
+        # clients) in a Header whose str() turns every such byte into U+FFFD.  encode() keeps
+        # the bytes, inside unknown-8bit encoded-words, so they can be read back as UTF-8.
+        parts: list[str] = []
+        for chunk, _charset in decode_header(value.encode(maxlinelen=0)):
+            parts.append(chunk.decode("utf-8", "replace") if isinstance(chunk, bytes) else chunk)
+        return "".join(parts)
+    return str(value)
+
+
+def _unfold(text: str) -> str:
+    """RFC 5322 unfolding: drop the CRLF, keep the whitespace that follows it."""
+    return text.replace("\r", "").replace("\n", "")
+
+
 def decode_text(value: object) -> str:
     """A header value as readable text: RFC 2047 decoded, raw 8-bit bytes as UTF-8."""
     if value is None:
         return ""
-    text = str(value)
+    text = _header_text(value)
     try:
         text = str(make_header(decode_header(text)))
     except (ValueError, LookupError, UnicodeError, AssertionError):
@@ -212,8 +230,13 @@ class ParsedMessage:
 
 
 def _address(value: object) -> tuple[str, str]:
-    name, addr = parseaddr(decode_text(value))
-    return name.strip(), addr.strip().lower()
+    # Split name from address *before* decoding encoded-words: a decoded display name may
+    # hold commas, quotes or angle brackets (``=?utf-8?q?Doe=2C_John?=``) that parseaddr
+    # would then take for address syntax and return a wrong address.
+    if value is None:
+        return "", ""
+    name, addr = parseaddr(_unfold(_header_text(value)))
+    return decode_text(name), addr.strip().lower()
 
 
 def parse(raw: bytes, envelope_sender: str | None = None) -> ParsedMessage:
@@ -235,7 +258,8 @@ def parse(raw: bytes, envelope_sender: str | None = None) -> ParsedMessage:
     from_name, from_email = _address(msg.get("From"))
     _rn, reply_to = _address(msg.get("Reply-To"))
     recipients: list[str] = []
-    for _n, addr in getaddresses([decode_text(v) for n in ("To", "Cc")
+    # Like _address: split before decoding, so encoded display names cannot fake addresses.
+    for _n, addr in getaddresses([_unfold(_header_text(v)) for n in ("To", "Cc")
                                   for v in msg.get_all(n) or []]):
         addr = addr.strip().lower()
         if addr and addr not in recipients:
