@@ -184,9 +184,17 @@ def automatic_reason(msg: Message, envelope_sender: str | None = None) -> str | 
     if local in ("mailer-daemon", "postmaster"):
         return f"bounce (from {local})"
     subject = decode_text(msg.get("Subject")).lower()
-    for marker in ("auto:", "automatic reply", "auto-reply", "autoreply", "out of office",
-                   "undelivered mail returned", "delivery status notification",
-                   "mail delivery failed", "returned mail:"):
+    for marker in (
+        "auto:",
+        "automatic reply",
+        "auto-reply",
+        "autoreply",
+        "out of office",
+        "undelivered mail returned",
+        "delivery status notification",
+        "mail delivery failed",
+        "returned mail:",
+    ):
         if subject.startswith(marker):
             return f"automatic subject ({marker.rstrip(':')})"
     return None
@@ -259,8 +267,9 @@ def parse(raw: bytes, envelope_sender: str | None = None) -> ParsedMessage:
     _rn, reply_to = _address(msg.get("Reply-To"))
     recipients: list[str] = []
     # Like _address: split before decoding, so encoded display names cannot fake addresses.
-    for _n, addr in getaddresses([_unfold(_header_text(v)) for n in ("To", "Cc")
-                                  for v in msg.get_all(n) or []]):
+    for _n, addr in getaddresses(
+        [_unfold(_header_text(v)) for n in ("To", "Cc") for v in msg.get_all(n) or []]
+    ):
         addr = addr.strip().lower()
         if addr and addr not in recipients:
             recipients.append(addr)

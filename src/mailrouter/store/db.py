@@ -80,15 +80,17 @@ def open_database(url: str, *, echo: bool = False) -> Database:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        kwargs["connect_args"] = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        kwargs["connect_args"] = {
+            "check_same_thread": False,
+            "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+        }
     else:
         kwargs["pool_pre_ping"] = True
     engine = create_engine(url, **kwargs)
+    writer_bind: Engine = engine
     if engine.dialect.name == "sqlite":
         _sqlite_setup(engine)
         writer_bind = engine.execution_options(mailrouter_begin="IMMEDIATE")
-    else:
-        writer_bind = engine
     return Database(
         engine=engine,
         _reader=sessionmaker(bind=engine, expire_on_commit=False),

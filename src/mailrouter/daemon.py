@@ -1,0 +1,146 @@
+"""The supervisor: starts every stage in one event loop, restarts a crashed one, drains on stop.
+
+``startup() → main_loop() → shutdown()`` as in uvicorn: on SIGTERM or SIGINT the listeners
+stop accepting, sessions in flight get up to ``daemon.shutdown_timeout`` seconds to finish,
+the outbox worker completes the job in hand, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import random
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+
+from mailrouter.config import Settings
+from mailrouter.log import event
+from mailrouter.outbox import OutboxWorker
+from mailrouter.pipeline import Pipeline
+
+__all__ = ["Daemon", "run"]
+
+log = logging.getLogger("mailrouter.daemon")
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about readiness; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(state.encode(), addr)
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop = asyncio.Event()
+        self.pipeline: Pipeline | None = None
+        self.worker: OutboxWorker | None = None
+        self.servers: list[tuple[str, asyncio.Server]] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.ready = asyncio.Event()
+
+    async def supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        """Run a stage; if it crashes, log it and restart it with capped, jittered backoff."""
+        delay = 1.0
+        while not self.stop.is_set():
+            try:
+                await factory()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("event=stage-crashed stage=%s restart_in=%.1fs", name, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, 60.0)
+
+    async def startup(self) -> None:
+        s = self.settings
+        self.pipeline = await asyncio.to_thread(Pipeline.open, s)
+        self.worker = OutboxWorker(self.pipeline)
+        worker = self.worker
+        self.tasks.append(
+            asyncio.create_task(self.supervise("outbox", lambda: worker.run(self.stop)))
+        )
+        from mailrouter.ingest.smtp import start_listener
+
+        for name, listener, lmtp in (("smtp", s.smtp, False), ("lmtp", s.lmtp, True)):
+            if listener.enabled:
+                server = await start_listener(
+                    self.pipeline, listener, lmtp=lmtp, on_accepted=worker.wake
+                )
+                self.servers.append((name, server))
+        watched = [a for a in s.accounts if a.imap is not None]
+        if watched:
+            from mailrouter.ingest.imap import ImapWatcher
+
+            for acc in watched:
+                watcher = ImapWatcher(self.pipeline, acc, on_accepted=worker.wake)
+                run_watcher = functools.partial(watcher.run, self.stop)
+                self.tasks.append(
+                    asyncio.create_task(self.supervise(f"imap:{acc.name}", run_watcher))
+                )
+        listening = " ".join(
+            f"{n}={sock.getsockname()[0]}:{sock.getsockname()[1]}"
+            for n, srv in self.servers
+            for sock in srv.sockets[:1]
+        )
+        event(
+            log,
+            "ready",
+            listening=listening or "none",
+            accounts=len(s.accounts),
+            imap_watchers=len(watched),
+            database=s.database_url.split(":", 1)[0],
+            state_dir=str(s.state_dir),
+        )
+        sd_notify("READY=1")
+        self.ready.set()
+
+    async def shutdown(self) -> None:
+        sd_notify("STOPPING=1")
+        event(log, "stopping", timeout=self.settings.shutdown_timeout)
+        for _, server in self.servers:
+            server.close()  # stop accepting; sessions in flight go on
+        self.stop.set()
+        waits = [srv.wait_closed() for _, srv in self.servers]
+        try:
+            async with asyncio.timeout(self.settings.shutdown_timeout):
+                await asyncio.gather(*waits, *self.tasks, return_exceptions=True)
+        except TimeoutError:
+            log.warning("event=drain-timeout pending=%d", sum(not t.done() for t in self.tasks))
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for _, server in self.servers:
+            if hasattr(server, "close_clients"):
+                server.close_clients()
+        if self.pipeline is not None:
+            self.pipeline.close()
+        event(log, "stopped")
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        try:
+            await self.startup()
+            await self.stop.wait()
+        finally:
+            await self.shutdown()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+
+def run(settings: Settings) -> int:
+    asyncio.run(Daemon(settings).serve())
+    return 0

@@ -1,0 +1,165 @@
+"""SMTP and LMTP listeners: thin aiosmtpd handlers that only check, persist and answer.
+
+A recipient must be a configured account (550 otherwise: never an open relay).  ``250``
+is sent only after :meth:`Pipeline.accept` has committed; a store failure, or any other
+internal error, answers ``451 4.3.0`` so the sending MTA keeps the mail and retries —
+aiosmtpd's default would answer 500 and make the sender bounce it.  The servers run in
+the daemon's own event loop (no threaded ``Controller``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from mailrouter.config import AccountSettings, ListenerSettings, Settings
+from mailrouter.log import event
+from mailrouter.pipeline import Pipeline, StoreUnavailable
+
+__all__ = ["IngestHandler", "LMTPServer", "start_listener"]
+
+log = logging.getLogger("mailrouter.ingest")
+
+TEMPFAIL = "451 4.3.0 Temporary failure storing the message; try again later"
+
+
+class IngestHandler:
+    """aiosmtpd hooks for both protocols; ``lmtp`` changes only the reply after DATA."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        lmtp: bool = False,
+        on_accepted: Callable[[], None] | None = None,
+    ) -> None:
+        self.p = pipeline
+        self.settings: Settings = pipeline.settings
+        self.lmtp = lmtp
+        self.on_accepted = on_accepted
+        self.proto = "lmtp" if lmtp else "smtp"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if self.settings.account_for_address(address) is None:
+            event(
+                log,
+                "reject",
+                logging.INFO,
+                proto=self.proto,
+                peer=session.peer[0] if session.peer else None,
+                rcpt=address,
+                code=550,
+            )
+            return f"550 5.1.1 <{address}>: Recipient address rejected: not a mailrouter account"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        accounts: list[AccountSettings] = []
+        for rcpt in envelope.rcpt_tos:
+            acc = self.settings.account_for_address(rcpt)
+            if acc is not None and acc not in accounts:
+                accounts.append(acc)
+        raw = envelope.original_content or b""
+        try:
+            result = await asyncio.to_thread(
+                self.p.accept,
+                raw,
+                accounts,
+                source=self.proto,
+                envelope_sender=envelope.mail_from if envelope.mail_from != "<>" else "",
+            )
+        except StoreUnavailable as exc:
+            log.error("event=tempfail proto=%s error=%r", self.proto, str(exc))
+            return self._per_recipient(envelope, TEMPFAIL)
+        if self.on_accepted is not None:
+            self.on_accepted()
+        d = result.decision
+        status = f"250 2.0.0 OK {d.action} interaction={result.interaction_id or '-'}"
+        return self._per_recipient(envelope, status)
+
+    def _per_recipient(self, envelope: Envelope, status: str) -> str:
+        if not self.lmtp:
+            return status
+        # RFC 2033 §4.2: one reply per accepted recipient after DATA.  aiosmtpd's LMTP
+        # sends a single one (aiosmtpd #517); the lines pushed here are the replies.
+        return "\r\n".join(status for _ in envelope.rcpt_tos)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("event=internal-error proto=%s", self.proto, exc_info=error)
+        return TEMPFAIL
+
+
+class LMTPServer(LMTP):
+    """aiosmtpd's LMTP with the handler's per-recipient DATA replies (see IngestHandler)."""
+
+
+class _Authenticator:
+    def __init__(self, listener: ListenerSettings) -> None:
+        self.users = listener.auth_users
+
+    def __call__(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        if isinstance(auth_data, LoginPassword):
+            user = auth_data.login.decode("utf-8", "replace")
+            secret = self.users.get(user)
+            if secret is not None and auth_data.password.decode("utf-8", "replace") == secret.get():
+                return AuthResult(success=True, auth_data=user)
+        return AuthResult(success=False, handled=False)
+
+
+def _tls_context(listener: ListenerSettings) -> ssl.SSLContext | None:
+    if listener.tls_cert is None or listener.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(listener.tls_cert, listener.tls_key)
+    return ctx
+
+
+async def start_listener(
+    pipeline: Pipeline,
+    listener: ListenerSettings,
+    *,
+    lmtp: bool = False,
+    on_accepted: Callable[[], None] | None = None,
+) -> asyncio.Server:
+    """Bind and start serving; returns the server (close it to stop accepting)."""
+    handler = IngestHandler(pipeline, lmtp=lmtp, on_accepted=on_accepted)
+    tls = _tls_context(listener)
+    loopback = listener.host.startswith("127.") or listener.host in ("localhost", "::1")
+    cls = LMTPServer if lmtp else SMTP
+    hostname = pipeline.settings.hostname
+
+    def factory() -> SMTP:
+        return cls(
+            handler,
+            data_size_limit=listener.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=hostname,
+            ident="mailrouter",
+            tls_context=tls,
+            require_starttls=tls is not None and not lmtp,
+            auth_required=listener.require_auth,
+            # AUTH in clear text is only acceptable on loopback.
+            auth_require_tls=not loopback,
+            authenticator=_Authenticator(listener) if listener.auth_users else None,
+            timeout=300,
+        )
+
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(factory, host=listener.host, port=listener.port)

@@ -1,0 +1,233 @@
+"""The durable outbox worker: delivers routed mail and sends notices and replies, with retries.
+
+Rows are written in the same transaction as the change that causes them (pipeline,
+transfer, reply).  The worker claims due rows with a lease (so a crashed worker's rows
+become claimable again), delivers outside any transaction, then records the outcome.
+Every backend is idempotent on the row's key (Maildir name, pickup name, IMAP search by
+Message-ID), so a crash between "delivered" and "marked sent" does not deliver twice.
+Temporary failures back off exponentially with jitter until the row's deadline; permanent
+ones (5xx) are marked failed and stay visible in ``mailrouter queue``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+
+from mailrouter.deliver.errors import DeliveryError
+from mailrouter.deliver.mailbox import deliver_to_account, send_outbound, with_trace_headers
+from mailrouter.log import event
+from mailrouter.parse import format_id
+from mailrouter.pipeline import Pipeline
+from mailrouter.store.models import Message, Outbox, OutboxKind, OutboxStatus, utcnow
+
+__all__ = ["Job", "OutboxWorker", "backoff"]
+
+log = logging.getLogger("mailrouter.outbox")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    account: str
+    interaction_id: int | None
+    payload: bytes
+    message_id: str
+    envelope_from: str
+    envelope_to: list[str]
+    attempts: int
+    deadline: datetime
+    key: str
+
+
+def backoff(attempts: int, initial: float, cap: float, rnd: random.Random | None = None) -> float:
+    """Seconds before attempt ``attempts + 1``: doubling from ``initial``, capped, jittered.
+
+    The jitter (50–100 % of the step) keeps a burst of failures from retrying in lockstep.
+    """
+    step = min(cap, initial * (2 ** max(0, attempts - 1)))
+    jitter: float = (rnd or random).uniform(0.5, 1.0)
+    return step * jitter
+
+
+class OutboxWorker:
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.p = pipeline
+        self.settings = pipeline.settings
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """New work was committed: look now instead of at the next poll."""
+        self._wake.set()
+
+    # ------------------------------------------------------------------ store side (sync)
+
+    def claim(self, limit: int) -> list[Job]:
+        now = utcnow()
+        lease = now + timedelta(seconds=self.settings.outbox.lease)
+        due = or_(
+            (Outbox.status == OutboxStatus.PENDING.value) & (Outbox.next_attempt_at <= now),
+            # A worker that died mid-delivery left its rows "sending": take them back.
+            (Outbox.status == OutboxStatus.SENDING.value) & (Outbox.claimed_until < now),
+        )
+        jobs: list[Job] = []
+        with self.p.db.write() as s:
+            # SKIP LOCKED lets several instances share the PostgreSQL outbox; SQLAlchemy
+            # drops it on SQLite, where BEGIN IMMEDIATE already serialises claimers.
+            ids = list(
+                s.scalars(
+                    select(Outbox.id)
+                    .where(due)
+                    .order_by(Outbox.next_attempt_at, Outbox.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            if not ids:
+                return []
+            s.execute(
+                update(Outbox)
+                .where(Outbox.id.in_(ids), due)
+                .values(
+                    status=OutboxStatus.SENDING.value,
+                    claimed_until=lease,
+                    attempts=Outbox.attempts + 1,
+                )
+            )
+            rows = s.execute(
+                select(Outbox, Message)
+                .outerjoin(Message, Message.id == Outbox.message_pk)
+                .where(Outbox.id.in_(ids), Outbox.claimed_until == lease)
+                .order_by(Outbox.id)
+            ).all()
+            for ob, msg in rows:
+                payload = ob.payload
+                message_id = msg.message_id if msg is not None else ""
+                if ob.kind == OutboxKind.DELIVER.value and msg is not None:
+                    routed_from = None
+                    if msg.account_id != ob.account_id:
+                        routed_from = self.p.settings.account(
+                            self.p.accounts.name(msg.account_id)
+                        ).address
+                    payload = with_trace_headers(msg.raw, ob.interaction_id, routed_from)
+                jobs.append(
+                    Job(
+                        id=ob.id,
+                        kind=ob.kind,
+                        account=self.p.accounts.name(ob.account_id),
+                        interaction_id=ob.interaction_id,
+                        payload=payload,
+                        message_id=message_id,
+                        envelope_from=ob.envelope_from,
+                        envelope_to=[a for a in ob.envelope_to.split(",") if a],
+                        attempts=ob.attempts,
+                        deadline=ob.deadline,
+                        key=f"{ob.id}x{(msg.content_hash[:12] if msg is not None else 'out')}",
+                    )
+                )
+        return jobs
+
+    def finish(self, job: Job, error: DeliveryError | None) -> str:
+        now = utcnow()
+        values: dict[str, object]
+        if error is None:
+            values = {"status": OutboxStatus.SENT.value, "sent_at": now, "last_error": None}
+        elif error.permanent or now >= job.deadline:
+            why = (
+                str(error) if error.permanent else f"gave up after {job.attempts} attempts: {error}"
+            )
+            values = {"status": OutboxStatus.FAILED.value, "last_error": why}
+        else:
+            delay = backoff(
+                job.attempts, self.settings.outbox.initial_backoff, self.settings.outbox.max_backoff
+            )
+            values = {
+                "status": OutboxStatus.PENDING.value,
+                "last_error": str(error),
+                "next_attempt_at": min(now + timedelta(seconds=delay), job.deadline),
+            }
+        values["claimed_until"] = None
+        with self.p.db.write() as s:
+            s.execute(update(Outbox).where(Outbox.id == job.id).values(**values))
+        return str(values["status"])
+
+    # ------------------------------------------------------------------ delivery (async)
+
+    async def _attempt(self, job: Job) -> None:
+        if job.kind == OutboxKind.DELIVER.value:
+            acc = self.settings.account(job.account)
+            await deliver_to_account(acc, job.payload, message_id=job.message_id, key=job.key)
+        else:
+            await send_outbound(
+                self.settings.outbound,
+                job.payload,
+                envelope_from=job.envelope_from,
+                envelope_to=job.envelope_to,
+                key=job.key,
+            )
+
+    async def process(self, job: Job) -> str:
+        error: DeliveryError | None = None
+        try:
+            await self._attempt(job)
+        except DeliveryError as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("outbox job %s crashed", job.id)
+            error = DeliveryError(f"internal error: {type(exc).__name__}: {exc}")
+        status = await asyncio.to_thread(self.finish, job, error)
+        acc = self.settings.account(job.account)
+        event(
+            log,
+            "outbox",
+            logging.INFO if error is None else logging.WARNING,
+            job=job.id,
+            kind=job.kind,
+            interaction=job.interaction_id,
+            msgid=format_id(job.message_id) if job.message_id else None,
+            account=acc.address,
+            to=",".join(job.envelope_to) or None,
+            attempt=job.attempts,
+            status=status,
+            error=str(error) if error else None,
+        )
+        return status
+
+    async def run_once(self, max_rounds: int = 1000) -> int:
+        """Process everything due now (bounded); returns how many jobs were attempted."""
+        done = 0
+        for _ in range(max_rounds):
+            jobs = await asyncio.to_thread(self.claim, self.settings.outbox.batch)
+            if not jobs:
+                break
+            for job in jobs:
+                await self.process(job)
+                done += 1
+        return done
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until ``stop`` is set; finishes the job in hand, never starts one after."""
+        while not stop.is_set():
+            self._wake.clear()
+            jobs = await asyncio.to_thread(self.claim, self.settings.outbox.batch)
+            for job in jobs:
+                if stop.is_set():
+                    break  # unstarted claimed jobs come back when their lease runs out
+                await self.process(job)
+            if jobs:
+                continue
+            waiters = {asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())}
+            _, pending = await asyncio.wait(
+                waiters,
+                timeout=self.settings.outbox.poll_interval,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

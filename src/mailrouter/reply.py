@@ -1,0 +1,94 @@
+"""An agent's reply to the customer, sent from the interaction's *current* account.
+
+Like a transfer notice it is composed as a threaded reply to the last customer message,
+stored as an outbound message (so the customer's answer to it resolves to this
+interaction) and queued in the same transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from mailrouter.log import event
+from mailrouter.notify import compose_reply
+from mailrouter.parse import format_id, parse
+from mailrouter.pipeline import Pipeline, add_message, enqueue
+from mailrouter.store.models import Direction, Interaction, Message, OutboxKind, utcnow
+
+__all__ = ["ReplyRefused", "ReplyResult", "reply"]
+
+log = logging.getLogger("mailrouter.reply")
+
+
+class ReplyRefused(Exception):
+    """The reply cannot be sent; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class ReplyResult:
+    interaction_id: int
+    account: str
+    message_id: str
+    to: list[str]
+    outbox_id: int
+
+
+def reply(p: Pipeline, interaction_id: int, body: str, *, agent: str | None = None) -> ReplyResult:
+    if not body.strip():
+        raise ReplyRefused("the reply body is empty")
+    with p.db.write() as s:
+        i = s.scalar(select(Interaction).where(Interaction.id == interaction_id).with_for_update())
+        if i is None:
+            raise ReplyRefused(f"no interaction {interaction_id}")
+        if i.last_customer_message_pk is None:
+            raise ReplyRefused(f"interaction {interaction_id} has no customer message to answer")
+        raw = s.scalar(select(Message.raw).where(Message.id == i.last_customer_message_pk))
+        assert raw is not None
+        customer = parse(raw)
+        if not (customer.reply_to_email or customer.from_email):
+            raise ReplyRefused("the customer's last message has no usable From or Reply-To")
+        account = p.settings.account(p.accounts.name(i.account_id))
+        composed = compose_reply(
+            p.settings,
+            account=account,
+            customer=customer,
+            body_text=body,
+            interaction_id=i.id,
+            agent=agent,
+        )
+        row = add_message(
+            s,
+            parse(composed.raw),
+            direction=Direction.OUTBOUND,
+            account_id=i.account_id,
+            interaction_id=i.id,
+            source="reply",
+        )
+        ob = enqueue(
+            s,
+            p.settings,
+            kind=OutboxKind.REPLY,
+            account_id=i.account_id,
+            interaction_id=i.id,
+            message_pk=row.id,
+            payload=composed.raw,
+            envelope_from=composed.envelope_from,
+            envelope_to=composed.envelope_to,
+        )
+        i.last_activity_at = utcnow()
+        if agent and not i.assigned_agent:
+            i.assigned_agent = agent
+        result = ReplyResult(i.id, account.name, composed.message_id, composed.envelope_to, ob.id)
+    event(
+        log,
+        "reply",
+        interaction=interaction_id,
+        account=account.address,
+        msgid=format_id(result.message_id),
+        to=",".join(result.to),
+        by=agent,
+    )
+    return result

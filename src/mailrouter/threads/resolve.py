@@ -1,0 +1,127 @@
+"""Which interaction a message belongs to, from its id headers and what the store knows.
+
+Resolution spans every account (scoping it to one mailbox is the classic helpdesk bug:
+after a move, replies to the old mailbox would open new conversations).  The rules run
+top to bottom; the first that finds an interaction decides and is named in the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from mailrouter.parse import ParsedMessage
+
+__all__ = ["RULES", "Resolution", "ThreadIndex", "resolve"]
+
+
+class ThreadIndex(Protocol):
+    """Read access to what the store knows about message ids."""
+
+    def interactions_of(self, ids: Sequence[str]) -> dict[str, int]:
+        """Stored messages with these Message-IDs → their interaction (earliest wins)."""
+
+    def interactions_referencing(self, ids: Sequence[str]) -> dict[str, int]:
+        """Ids that some stored message points at (In-Reply-To/References) → its interaction."""
+
+
+@dataclass(frozen=True)
+class Resolution:
+    interaction_id: int | None
+    rule: str
+    matched_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Facts:
+    """The look-ups every rule may use, done once per message (two indexed queries)."""
+
+    msg: ParsedMessage
+    known: dict[str, int]
+    referenced: dict[str, int]
+
+
+class ThreadRule(Protocol):
+    name: str
+    description: str
+
+    def check(self, facts: Facts) -> Resolution | None: ...
+
+
+class KnownMessage:
+    name = "known-message"
+    description = "its own Message-ID is already stored (a copy, a redelivery, a Cc)"
+
+    def check(self, facts: Facts) -> Resolution | None:
+        mid = facts.msg.message_id
+        if mid in facts.known:
+            return Resolution(facts.known[mid], self.name, mid)
+        return None
+
+
+class InReplyTo:
+    name = "in-reply-to"
+    description = "its In-Reply-To names a stored message"
+
+    def check(self, facts: Facts) -> Resolution | None:
+        for mid in facts.msg.in_reply_to:
+            if mid in facts.known:
+                return Resolution(facts.known[mid], self.name, mid)
+        return None
+
+
+class References:
+    name = "references"
+    description = "its References name a stored message (nearest parent first)"
+
+    def check(self, facts: Facts) -> Resolution | None:
+        for mid in reversed(facts.msg.references):
+            if mid in facts.known and mid != facts.msg.message_id:
+                return Resolution(facts.known[mid], self.name, mid)
+        return None
+
+
+class SharedReference:
+    name = "shared-reference"
+    description = "it points at a missing ancestor that a stored message also points at"
+
+    def check(self, facts: Facts) -> Resolution | None:
+        for mid in facts.msg.parents:
+            if mid in facts.referenced:
+                return Resolution(facts.referenced[mid], self.name, mid)
+        return None
+
+
+class ReferencedBy:
+    name = "referenced-by"
+    description = "a stored reply already points at it (the reply arrived first)"
+
+    def check(self, facts: Facts) -> Resolution | None:
+        mid = facts.msg.message_id
+        if mid in facts.referenced:
+            return Resolution(facts.referenced[mid], self.name, mid)
+        return None
+
+
+RULES: tuple[ThreadRule, ...] = (
+    KnownMessage(),
+    InReplyTo(),
+    References(),
+    SharedReference(),
+    ReferencedBy(),
+)
+NEW_INTERACTION = "new-interaction"
+
+
+def resolve(msg: ParsedMessage, index: ThreadIndex) -> Resolution:
+    """Run the rule chain; no match means the message opens a new interaction."""
+    parents = msg.parents
+    known = index.interactions_of([msg.message_id, *parents])
+    referenced = index.interactions_referencing([*parents, msg.message_id])
+    facts = Facts(msg, known, referenced)
+    for rule in RULES:
+        found = rule.check(facts)
+        if found is not None:
+            return found
+    return Resolution(None, NEW_INTERACTION)

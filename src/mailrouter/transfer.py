@@ -1,0 +1,160 @@
+"""Transfer an interaction to another account: one transaction, or nothing at all.
+
+The owner changes, the interaction becomes unread, unassigned and ``manual`` (picked from
+the list, not distributed by a queue), the transfer is recorded and — when the *source*
+account has ``transfer.notify`` on — the notice is composed and written to the outbox in
+the same transaction.  Any refusal raises before a single row changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from mailrouter.config import AccountSettings
+from mailrouter.log import event
+from mailrouter.notify import compose_notice, suppression_reason
+from mailrouter.parse import ParsedMessage, format_id, parse
+from mailrouter.pipeline import Pipeline, add_message, enqueue
+from mailrouter.store.models import Direction, Interaction, Message, OutboxKind, Transfer, utcnow
+
+__all__ = ["TransferRefused", "TransferResult", "transfer"]
+
+log = logging.getLogger("mailrouter.transfer")
+
+
+class TransferRefused(Exception):
+    """The transfer is not allowed; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    transfer_id: int
+    interaction_id: int
+    from_account: str
+    to_account: str
+    notification: str  # queued | suppressed | off
+    reason: str | None
+    notice_message_id: str | None
+    outbox_id: int | None
+
+
+def _account(p: Pipeline, name: str) -> AccountSettings:
+    try:
+        return p.settings.account(name)
+    except KeyError as exc:
+        raise TransferRefused(str(exc.args[0])) from None
+
+
+def transfer(
+    p: Pipeline, interaction_id: int, to: str, *, actor: str | None = None
+) -> TransferResult:
+    """Move interaction ``interaction_id`` to account ``to`` (name or address)."""
+    target = _account(p, to)
+    with p.db.write() as s:
+        interaction = s.scalar(
+            select(Interaction).where(Interaction.id == interaction_id).with_for_update()
+        )
+        if interaction is None:
+            raise TransferRefused(f"no interaction {interaction_id}")
+        source = p.settings.account(p.accounts.name(interaction.account_id))
+        if interaction.status == "closed":
+            raise TransferRefused(f"interaction {interaction_id} is closed")
+        if source.name == target.name:
+            raise TransferRefused(f"interaction {interaction_id} already belongs to {target.name}")
+        if not source.transfer.enabled:
+            raise TransferRefused(
+                f"transfer out of account {source.name} is not enabled "
+                f"(set accounts.{source.name}.transfer.enabled = true)"
+            )
+        now = utcnow()
+        interaction.account_id = p.accounts.id(target.name)
+        interaction.unread = True
+        interaction.distribution = "manual"
+        interaction.assigned_agent = None
+        interaction.last_activity_at = now
+        record = Transfer(
+            interaction_id=interaction.id,
+            from_account_id=p.accounts.id(source.name),
+            to_account_id=p.accounts.id(target.name),
+            actor=actor,
+            at=now,
+            notification="off",
+        )
+        s.add(record)
+        s.flush()
+
+        outbox_id: int | None = None
+        notice_id: str | None = None
+        # The notice follows the settings of the account the interaction leaves (the most
+        # recent previous owner, not the origin), and names that account as fromAccount.
+        if source.transfer.notify and source.transfer.template:
+            customer: ParsedMessage | None = None
+            if interaction.last_customer_message_pk is not None:
+                raw = s.scalar(
+                    select(Message.raw).where(Message.id == interaction.last_customer_message_pk)
+                )
+                customer = parse(raw) if raw is not None else None
+            why = suppression_reason(customer)
+            if why is not None:
+                record.notification, record.notification_reason = "suppressed", why
+            else:
+                assert customer is not None
+                notice = compose_notice(
+                    p.settings,
+                    template=source.transfer.template,
+                    from_account=source,
+                    to_account=target,
+                    customer=customer,
+                    interaction_id=interaction.id,
+                    agent=actor,
+                    now=now,
+                )
+                out_msg = parse(notice.raw)
+                row = add_message(
+                    s,
+                    out_msg,
+                    direction=Direction.OUTBOUND,
+                    account_id=p.accounts.id(target.name),
+                    interaction_id=interaction.id,
+                    source="transfer-notice",
+                )
+                ob = enqueue(
+                    s,
+                    p.settings,
+                    kind=OutboxKind.NOTIFY,
+                    account_id=p.accounts.id(target.name),
+                    interaction_id=interaction.id,
+                    message_pk=row.id,
+                    payload=notice.raw,
+                    envelope_from=notice.envelope_from,
+                    envelope_to=notice.envelope_to,
+                )
+                record.notification = "queued"
+                record.notification_message_id = notice.message_id
+                record.notification_outbox_id = ob.id
+                outbox_id, notice_id = ob.id, notice.message_id
+        result = TransferResult(
+            transfer_id=record.id,
+            interaction_id=interaction.id,
+            from_account=source.name,
+            to_account=target.name,
+            notification=record.notification,
+            reason=record.notification_reason,
+            notice_message_id=notice_id,
+            outbox_id=outbox_id,
+        )
+    event(
+        log,
+        "transfer",
+        interaction=result.interaction_id,
+        src=source.address,
+        dst=target.address,
+        by=actor,
+        notice=result.notification,
+        reason=result.reason,
+        notice_msgid=format_id(notice_id) if notice_id else None,
+    )
+    return result
