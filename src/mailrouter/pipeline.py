@@ -187,8 +187,12 @@ class Pipeline:
         *,
         source: str,
         envelope_sender: str | None = None,
+        in_mailbox_of: str | None = None,
     ) -> Accepted:
         """Store ``raw`` for ``accounts`` and queue its delivery; returns after the commit.
+
+        ``in_mailbox_of`` names the account whose mailbox the message was read from (the
+        IMAP watcher): no delivery is queued into that mailbox, since it is there already.
 
         Raises :class:`StoreUnavailable` when the store cannot take it (retry later).  A
         message that breaks the routing code is stored as held instead: one bad message
@@ -201,7 +205,7 @@ class Pipeline:
         for attempt in (1, 2):
             try:
                 with self.db.write() as session:
-                    result = self._apply(session, msg, receiving, source)
+                    result = self._apply(session, msg, receiving, source, in_mailbox_of)
                 break
             except IntegrityError:
                 # Another instance stored the same message between our look-up and insert;
@@ -220,7 +224,12 @@ class Pipeline:
         return result
 
     def _apply(
-        self, session: Session, msg: ParsedMessage, receiving: list[str], source: str
+        self,
+        session: Session,
+        msg: ParsedMessage,
+        receiving: list[str],
+        source: str,
+        in_mailbox_of: str | None = None,
     ) -> Accepted:
         view = StoreView(session, self.accounts)
         d = decide(msg, receiving, view)
@@ -291,6 +300,8 @@ class Pipeline:
                 unread=True, status="open", last_activity_at=now, last_customer_message_pk=row.id
             )
         )
+        if d.deliver_to == in_mailbox_of:
+            return Accepted(d, row.id, iid)
         out = enqueue(
             session,
             self.settings,
