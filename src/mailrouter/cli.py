@@ -621,9 +621,16 @@ def cmd_held(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    from mailrouter.daemon import run
+    from mailrouter.daemon import StartupError, run
 
-    return run(settings)
+    try:
+        return run(settings)
+    except StartupError as exc:
+        print(f"mailrouter: cannot start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # e.g. the SMTP port is taken
+        print(f"mailrouter: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 # ---------------------------------------------------------------------------- parser

@@ -22,9 +22,13 @@ from mailrouter.log import event
 from mailrouter.outbox import OutboxWorker
 from mailrouter.pipeline import Pipeline
 
-__all__ = ["Daemon", "run"]
+__all__ = ["Daemon", "StartupError", "run"]
 
 log = logging.getLogger("mailrouter.daemon")
+
+
+class StartupError(Exception):
+    """The daemon cannot start as configured (reported, exit status 2)."""
 
 
 def sd_notify(state: str) -> None:
@@ -65,6 +69,11 @@ class Daemon:
 
     async def startup(self) -> None:
         s = self.settings
+        from mailrouter.notify import check_templates
+
+        problems = check_templates(s)
+        if problems:
+            raise StartupError("notice templates: " + "; ".join(problems))
         self.pipeline = await asyncio.to_thread(Pipeline.open, s)
         self.worker = OutboxWorker(self.pipeline)
         worker = self.worker

@@ -51,14 +51,17 @@ def reply(p: Pipeline, interaction_id: int, body: str, *, agent: str | None = No
         if not (customer.reply_to_email or customer.from_email):
             raise ReplyRefused("the customer's last message has no usable From or Reply-To")
         account = p.settings.account(p.accounts.name(i.account_id))
-        composed = compose_reply(
-            p.settings,
-            account=account,
-            customer=customer,
-            body_text=body,
-            interaction_id=i.id,
-            agent=agent,
-        )
+        try:
+            composed = compose_reply(
+                p.settings,
+                account=account,
+                customer=customer,
+                body_text=body,
+                interaction_id=i.id,
+                agent=agent,
+            )
+        except ValueError as exc:
+            raise ReplyRefused(str(exc)) from None
         row = add_message(
             s,
             parse(composed.raw),
