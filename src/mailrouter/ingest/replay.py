@@ -27,6 +27,17 @@ _NOT_MAIL = re.compile(
     r"^(LICENSE|COPYING|NOTICE|README|SOURCE|CHANGELOG)|\.(md|json|tsv|html|html\.gz|py|sh|txt\.expected)$",
     re.IGNORECASE,
 )
+# State that mail servers keep inside Maildirs (Dovecot, Courier): never messages.
+_SERVER_STATE = re.compile(
+    r"^(dovecot[-.]|courierimap|maildirfolder$|subscriptions$)", re.IGNORECASE
+)
+# An mbox From_ line: "From " sender asctime-date (RFC 4155), e.g.
+# "From user@domain  Fri Feb 22 17:06:23 2008" or "From - Sat Mar 15 00:00:00 2003".
+_FROM_LINE = re.compile(
+    rb"^From \S.*\s(Mon|Tue|Wed|Thu|Fri|Sat|Sun)\s+"
+    rb"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)\s+"
+    rb"\d{1,2}\s+\d{1,2}:\d{2}(:\d{2})?\s.*\d{4}\s*$"
+)
 _ENVELOPE_HEADERS = ("To", "Cc", "Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To")
 
 
@@ -37,20 +48,33 @@ class Recorded:
 
 
 def split_mbox(data: bytes) -> Iterator[bytes]:
-    """Messages of an mbox: a ``From `` line at the start or after an empty line begins one."""
-    current: list[bytes] = []
+    """Messages of an mbox, without their ``From `` separator lines.
+
+    A ``From `` line after an empty line begins a message; so does a complete From_ line
+    (sender and asctime date) right after text, since real archives omit the empty line
+    (Mail::Thread's ``testbox-6``).  The empty line before a separator, and at the end of
+    the file, belongs to the mbox format (RFC 4155), not to the message: keeping it would
+    make the same message hash differently in an mbox and in a Maildir.
+    """
+    current: list[bytes] | None = None  # None: before the first separator
     prev_blank = True
     for line in data.splitlines(keepends=True):
-        if line.startswith(b"From ") and prev_blank:
-            if current:
-                yield b"".join(current)
+        if line.startswith(b"From ") and (prev_blank or _FROM_LINE.match(line)):
+            if current is not None:
+                yield _mbox_message(current, prev_blank)
             current = []
             prev_blank = False
             continue  # the separator line is not part of the message
+        if current is None:
+            current = []
         current.append(line)
         prev_blank = line.strip() == b""
-    if current and b"".join(current).strip():
-        yield b"".join(current)
+    if current is not None and b"".join(current).strip():
+        yield _mbox_message(current, prev_blank)
+
+
+def _mbox_message(lines: list[bytes], ends_blank: bool) -> bytes:
+    return b"".join(lines[:-1] if ends_blank and lines else lines)
 
 
 def _read(path: Path) -> bytes:
@@ -73,27 +97,30 @@ def _is_maildir(path: Path) -> bool:
     return (path / "cur").is_dir() or (path / "new").is_dir()
 
 
+def _files(root: Path) -> list[Path]:
+    """Files under ``root``, sorted: hidden entries and Maildir ``tmp/`` folders left out.
+
+    Maildirs nest (notmuch, Dovecot's ``LAYOUT=fs``: ``foo/cur``, ``foo/bar/new`` …) and
+    notmuch keeps loose messages beside ``cur``/``new``, so every subfolder is read; only
+    ``tmp/`` holds deliveries still being written.
+    """
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        skip_tmp = _is_maildir(here)
+        dirnames[:] = [
+            d for d in dirnames if not d.startswith(".") and not (skip_tmp and d == "tmp")
+        ]
+        out += [here / f for f in filenames if not f.startswith(".") and (here / f).is_file()]
+    return sorted(out)
+
+
 def collect(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Recorded]:
     """Every message under ``paths`` (files, directories recursively, Maildirs, mbox files)."""
     for p in map(Path, paths):
         if p.is_dir():
-            if _is_maildir(p):
-                files = sorted(
-                    f
-                    for sub in ("new", "cur")
-                    if (p / sub).is_dir()
-                    for f in (p / sub).iterdir()
-                    if f.is_file()
-                )
-            else:
-                files = sorted(
-                    f
-                    for f in p.rglob("*")
-                    if f.is_file()
-                    and not any(part.startswith(".") for part in f.relative_to(p).parts)
-                )
-            for f in files:
-                if not _NOT_MAIL.search(f.name):
+            for f in _files(p):
+                if not (_NOT_MAIL.search(f.name) or _SERVER_STATE.search(f.name)):
                     yield from _from_file(f)
         elif p.exists():
             yield from _from_file(p)
