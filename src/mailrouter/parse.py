@@ -8,6 +8,7 @@ free text around it are all seen in real mail.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -77,10 +78,9 @@ def decode_text(value: object) -> str:
     if value is None:
         return ""
     text = _header_text(value)
-    try:
+    # A broken encoded-word stays as written: readable beats lost.
+    with contextlib.suppress(ValueError, LookupError, UnicodeError, AssertionError):
         text = str(make_header(decode_header(text)))
-    except (ValueError, LookupError, UnicodeError, AssertionError):
-        pass  # a broken encoded-word stays as written: readable beats lost
     # compat32 keeps undecodable bytes as surrogates; show them instead of failing later.
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return _WS_RE.sub(" ", text).strip()
@@ -97,7 +97,8 @@ def parse_ids(value: object) -> list[str]:
     """Message-ids in a Message-ID / In-Reply-To / References value, in order, bare.
 
     ``<a@b> <c@d>``, ``<a@b>,<c@d>``, ``"<a@b>"``, ``a@b c@d``, ids folded across lines
-    and free text such as ``Your message of Monday <a@b>`` all yield the ids.
+    and free text such as ``Your message of Monday <a@b>`` all yield the ids; a truncated
+    ``<a@b`` yields none.
     """
     if value is None:
         return []
@@ -105,11 +106,12 @@ def parse_ids(value: object) -> list[str]:
     text = text.replace("\r", "").replace("\n", "")
     out: list[str] = []
     bracketed = _ANGLE_RE.findall(text)
-    if bracketed:
-        candidates = bracketed
-    else:
-        # No angle brackets at all: whitespace/comma separated tokens that look like ids.
-        candidates = [t for t in re.split(r"[\s,]+", text) if "@" in t]
+    # No complete <...>: whitespace/comma separated tokens that look like ids.  A token with
+    # an opening bracket and no closing one was cut off (HyperKitty's ``<2007…@example``
+    # for ``…@example.com``): it can never name the real parent, only some other message
+    # whose id happens to be the prefix, and notices would copy it into References.
+    # HyperKitty drops it too.
+    candidates = bracketed or [t for t in re.split(r"[\s,]+", text) if "@" in t and "<" not in t]
     for cand in candidates:
         cleaned = _clean_id(cand)
         if cleaned and cleaned not in out:
