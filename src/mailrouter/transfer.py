@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from mailrouter.config import AccountSettings
 from mailrouter.log import event
-from mailrouter.notify import compose_notice, suppression_reason
+from mailrouter.notify import TemplateError, compose_notice, suppression_reason
 from mailrouter.parse import ParsedMessage, format_id, parse
 from mailrouter.pipeline import Pipeline, add_message, enqueue
 from mailrouter.store.models import Direction, Interaction, Message, OutboxKind, Transfer, utcnow
@@ -102,16 +102,24 @@ def transfer(
                 record.notification, record.notification_reason = "suppressed", why
             else:
                 assert customer is not None
-                notice = compose_notice(
-                    p.settings,
-                    template=source.transfer.template,
-                    from_account=source,
-                    to_account=target,
-                    customer=customer,
-                    interaction_id=interaction.id,
-                    agent=actor,
-                    now=now,
-                )
+                try:
+                    notice = compose_notice(
+                        p.settings,
+                        template=source.transfer.template,
+                        from_account=source,
+                        to_account=target,
+                        customer=customer,
+                        interaction_id=interaction.id,
+                        agent=actor,
+                        now=now,
+                    )
+                except TemplateError as exc:
+                    # The account promises customers a notice on every transfer: a broken
+                    # template refuses the transfer (the transaction rolls back) rather than
+                    # move the conversation silently.
+                    raise TransferRefused(
+                        f"notice template of account {source.name} failed: {exc}"
+                    ) from exc
                 out_msg = parse(notice.raw)
                 row = add_message(
                     s,
