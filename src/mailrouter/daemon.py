@@ -138,7 +138,7 @@ class Daemon:
             if hasattr(server, "close_clients"):
                 server.close_clients()
         if self.pipeline is not None:
-            self.pipeline.close()
+            await self.pipeline.aclose()
         event(log, "stopped")
 
     async def serve(self) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
 
 from mailrouter.deliver.errors import DeliveryError
 from mailrouter.deliver.mailbox import deliver_to_account, send_outbound, with_trace_headers
@@ -29,6 +30,9 @@ from mailrouter.store.models import Message, Outbox, OutboxKind, OutboxStatus, u
 __all__ = ["Job", "OutboxWorker", "backoff"]
 
 log = logging.getLogger("mailrouter.outbox")
+
+# Deliveries attempted at once: enough to overlap I/O, few enough to be kind to a smarthost.
+CONCURRENCY = 8
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ def backoff(attempts: int, initial: float, cap: float, rnd: random.Random | None
 
     The jitter (50–100 % of the step) keeps a burst of failures from retrying in lockstep.
     """
-    step = min(cap, initial * (2 ** max(0, attempts - 1)))
+    step = min(cap, initial * 2.0 ** max(0, attempts - 1))
     jitter: float = (rnd or random).uniform(0.5, 1.0)
     return step * jitter
 
@@ -69,6 +73,10 @@ class OutboxWorker:
     # ------------------------------------------------------------------ store side (sync)
 
     def claim(self, limit: int) -> list[Job]:
+        with self.p.db.write() as s:
+            return self._claim_in(s, limit)
+
+    def _claim_in(self, s: Session, limit: int) -> list[Job]:
         now = utcnow()
         lease = now + timedelta(seconds=self.settings.outbox.lease)
         due = or_(
@@ -77,63 +85,66 @@ class OutboxWorker:
             (Outbox.status == OutboxStatus.SENDING.value) & (Outbox.claimed_until < now),
         )
         jobs: list[Job] = []
-        with self.p.db.write() as s:
-            # SKIP LOCKED lets several instances share the PostgreSQL outbox; SQLAlchemy
-            # drops it on SQLite, where BEGIN IMMEDIATE already serialises claimers.
-            ids = list(
-                s.scalars(
-                    select(Outbox.id)
-                    .where(due)
-                    .order_by(Outbox.next_attempt_at, Outbox.id)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True)
+        # SKIP LOCKED lets several instances share the PostgreSQL outbox; SQLAlchemy
+        # drops it on SQLite, where BEGIN IMMEDIATE already serialises claimers.
+        ids = list(
+            s.scalars(
+                select(Outbox.id)
+                .where(due)
+                .order_by(Outbox.next_attempt_at, Outbox.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        if not ids:
+            return []
+        s.execute(
+            update(Outbox)
+            .where(Outbox.id.in_(ids), due)
+            .values(
+                status=OutboxStatus.SENDING.value,
+                claimed_until=lease,
+                attempts=Outbox.attempts + 1,
+            )
+        )
+        rows = s.execute(
+            select(Outbox, Message)
+            .outerjoin(Message, Message.id == Outbox.message_pk)
+            .where(Outbox.id.in_(ids), Outbox.claimed_until == lease)
+            .order_by(Outbox.id)
+        ).all()
+        for ob, msg in rows:
+            payload = ob.payload
+            message_id = msg.message_id if msg is not None else ""
+            if ob.kind == OutboxKind.DELIVER.value and msg is not None:
+                routed_from = None
+                if msg.account_id != ob.account_id:
+                    routed_from = self.p.settings.account(
+                        self.p.accounts.name(msg.account_id)
+                    ).address
+                payload = with_trace_headers(msg.raw, ob.interaction_id, routed_from)
+            jobs.append(
+                Job(
+                    id=ob.id,
+                    kind=ob.kind,
+                    account=self.p.accounts.name(ob.account_id),
+                    interaction_id=ob.interaction_id,
+                    payload=payload,
+                    message_id=message_id,
+                    envelope_from=ob.envelope_from,
+                    envelope_to=[a for a in ob.envelope_to.split(",") if a],
+                    attempts=ob.attempts,
+                    deadline=ob.deadline,
+                    key=f"{ob.id}x{(msg.content_hash[:12] if msg is not None else 'out')}",
                 )
             )
-            if not ids:
-                return []
-            s.execute(
-                update(Outbox)
-                .where(Outbox.id.in_(ids), due)
-                .values(
-                    status=OutboxStatus.SENDING.value,
-                    claimed_until=lease,
-                    attempts=Outbox.attempts + 1,
-                )
-            )
-            rows = s.execute(
-                select(Outbox, Message)
-                .outerjoin(Message, Message.id == Outbox.message_pk)
-                .where(Outbox.id.in_(ids), Outbox.claimed_until == lease)
-                .order_by(Outbox.id)
-            ).all()
-            for ob, msg in rows:
-                payload = ob.payload
-                message_id = msg.message_id if msg is not None else ""
-                if ob.kind == OutboxKind.DELIVER.value and msg is not None:
-                    routed_from = None
-                    if msg.account_id != ob.account_id:
-                        routed_from = self.p.settings.account(
-                            self.p.accounts.name(msg.account_id)
-                        ).address
-                    payload = with_trace_headers(msg.raw, ob.interaction_id, routed_from)
-                jobs.append(
-                    Job(
-                        id=ob.id,
-                        kind=ob.kind,
-                        account=self.p.accounts.name(ob.account_id),
-                        interaction_id=ob.interaction_id,
-                        payload=payload,
-                        message_id=message_id,
-                        envelope_from=ob.envelope_from,
-                        envelope_to=[a for a in ob.envelope_to.split(",") if a],
-                        attempts=ob.attempts,
-                        deadline=ob.deadline,
-                        key=f"{ob.id}x{(msg.content_hash[:12] if msg is not None else 'out')}",
-                    )
-                )
         return jobs
 
     def finish(self, job: Job, error: DeliveryError | None) -> str:
+        with self.p.db.write() as s:
+            return self._finish_in(s, job, error)
+
+    def _finish_in(self, s: Session, job: Job, error: DeliveryError | None) -> str:
         now = utcnow()
         values: dict[str, object]
         if error is None:
@@ -153,9 +164,18 @@ class OutboxWorker:
                 "next_attempt_at": min(now + timedelta(seconds=delay), job.deadline),
             }
         values["claimed_until"] = None
-        with self.p.db.write() as s:
-            s.execute(update(Outbox).where(Outbox.id == job.id).values(**values))
+        s.execute(update(Outbox).where(Outbox.id == job.id).values(**values))
         return str(values["status"])
+
+    def _release_in(self, s: Session, jobs: list[Job]) -> None:
+        """Give back claimed jobs that were never attempted (stopping)."""
+        s.execute(
+            update(Outbox)
+            .where(Outbox.id.in_([j.id for j in jobs]), Outbox.status == OutboxStatus.SENDING.value)
+            .values(
+                status=OutboxStatus.PENDING.value, claimed_until=None, attempts=Outbox.attempts - 1
+            )
+        )
 
     # ------------------------------------------------------------------ delivery (async)
 
@@ -181,7 +201,7 @@ class OutboxWorker:
         except Exception as exc:
             log.exception("outbox job %s crashed", job.id)
             error = DeliveryError(f"internal error: {type(exc).__name__}: {exc}")
-        status = await asyncio.to_thread(self.finish, job, error)
+        status: str = await self.p.writes.submit(lambda s: self._finish_in(s, job, error))
         acc = self.settings.account(job.account)
         event(
             log,
@@ -199,28 +219,50 @@ class OutboxWorker:
         )
         return status
 
+    async def _round(self, stop: asyncio.Event | None = None) -> int:
+        """Claim one batch and attempt it, a few deliveries at a time; returns the count."""
+        jobs = await self.p.writes.submit(lambda s: self._claim_in(s, self.settings.outbox.batch))
+        if not jobs:
+            return 0
+        # Mailboxes (and the smarthost queue per sending account) are worked on in
+        # parallel, each one's jobs in order: a reply must not overtake its predecessor
+        # in the agent's mailbox.  Concurrent attempts also let their bookkeeping share
+        # commits (store/writer.py); each job is still marked done right after its attempt.
+        lanes: dict[tuple[str, str], list[Job]] = {}
+        for job in jobs:
+            direction = "in" if job.kind == OutboxKind.DELIVER.value else "out"
+            lanes.setdefault((direction, job.account), []).append(job)
+        gate = asyncio.Semaphore(CONCURRENCY)
+        skipped: list[Job] = []
+
+        async def lane(queue: list[Job]) -> None:
+            async with gate:
+                for job in queue:
+                    if stop is not None and stop.is_set():
+                        skipped.append(job)
+                    else:
+                        await self.process(job)
+
+        await asyncio.gather(*(lane(q) for q in lanes.values()))
+        if skipped:
+            await self.p.writes.submit(lambda s: self._release_in(s, skipped))
+        return len(jobs) - len(skipped)
+
     async def run_once(self, max_rounds: int = 1000) -> int:
         """Process everything due now (bounded); returns how many jobs were attempted."""
         done = 0
         for _ in range(max_rounds):
-            jobs = await asyncio.to_thread(self.claim, self.settings.outbox.batch)
-            if not jobs:
+            n = await self._round()
+            if not n:
                 break
-            for job in jobs:
-                await self.process(job)
-                done += 1
+            done += n
         return done
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Work until ``stop`` is set; finishes the job in hand, never starts one after."""
+        """Work until ``stop`` is set; jobs in hand finish, unstarted ones are given back."""
         while not stop.is_set():
             self._wake.clear()
-            jobs = await asyncio.to_thread(self.claim, self.settings.outbox.batch)
-            for job in jobs:
-                if stop.is_set():
-                    break  # unstarted claimed jobs come back when their lease runs out
-                await self.process(job)
-            if jobs:
+            if await self._round(stop):
                 continue
             waiters = {asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())}
             _, pending = await asyncio.wait(

@@ -8,13 +8,13 @@ after it returns never acknowledges mail that is not safely stored.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import update
+from sqlalchemy import Connection, Insert, insert, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -25,16 +25,17 @@ from mailrouter.routing.decide import Decision, decide
 from mailrouter.store.db import Database, open_database
 from mailrouter.store.migrate import ensure_schema
 from mailrouter.store.models import (
+    INTERACTIONS,
+    MESSAGE_RECIPIENTS,
+    MESSAGE_REFS,
+    MESSAGES,
+    OUTBOX,
     Direction,
-    Interaction,
-    Message,
-    MessageRecipient,
-    MessageRef,
-    Outbox,
     OutboxKind,
     utcnow,
 )
 from mailrouter.store.queries import AccountMap, StoreView, sync_accounts
+from mailrouter.store.writer import WriteBatcher
 
 __all__ = ["Accepted", "Pipeline", "StoreUnavailable", "add_message", "enqueue"]
 
@@ -65,42 +66,56 @@ def add_message(
     recipients: Sequence[int] = (),
     routed_to: int | None = None,
     decision: Decision | None = None,
-) -> Message:
-    """Insert a message with its id references and recipient accounts."""
-    row = Message(
-        interaction_id=interaction_id,
-        direction=direction.value,
-        account_id=account_id,
-        routed_to_account_id=routed_to,
-        message_id=msg.message_id,
-        synthetic_id=msg.synthetic_id,
-        in_reply_to=" ".join(format_id(i) for i in msg.in_reply_to) or None,
-        references=" ".join(format_id(i) for i in msg.references) or None,
-        from_addr=msg.from_display or None,
-        reply_to=msg.reply_to_email or None,
-        to_addrs=", ".join(msg.recipients) or None,
-        subject=msg.subject or None,
-        date=msg.date,
-        size=len(msg.raw),
-        content_hash=msg.content_hash,
-        raw=msg.raw,
-        automatic=msg.automatic,
-        status="held" if decision is not None and decision.action == "hold" else "stored",
-        hold_reason=decision.reason if decision is not None and decision.action == "hold" else None,
-        rule=decision.rule if decision else None,
-        action=decision.action if decision else None,
-        source=source,
+) -> int:
+    """Insert a message with its id references and recipient accounts; returns its key.
+
+    Core inserts, not ORM objects: this runs once per message on the ingest hot path,
+    where the unit of work's bookkeeping cost several times the SQL itself.
+    """
+    held = decision is not None and decision.action == "hold"
+    conn = session.connection()
+    pk = _new_id(
+        conn,
+        insert(MESSAGES).values(
+            interaction_id=interaction_id,
+            direction=direction.value,
+            account_id=account_id,
+            routed_to_account_id=routed_to,
+            message_id=msg.message_id,
+            synthetic_id=msg.synthetic_id,
+            in_reply_to=" ".join(format_id(i) for i in msg.in_reply_to) or None,
+            references=" ".join(format_id(i) for i in msg.references) or None,
+            from_addr=msg.from_display or None,
+            reply_to=msg.reply_to_email or None,
+            to_addrs=", ".join(msg.recipients) or None,
+            subject=msg.subject or None,
+            date=msg.date,
+            size=len(msg.raw),
+            content_hash=msg.content_hash,
+            raw=msg.raw,
+            automatic=msg.automatic,
+            status="held" if held else "stored",
+            hold_reason=decision.reason if held and decision is not None else None,
+            rule=decision.rule if decision else None,
+            action=decision.action if decision else None,
+            source=source,
+            received_at=utcnow(),
+        ),
     )
-    session.add(row)
-    session.flush()
-    session.add_all(
-        MessageRef(message_pk=row.id, position=pos, ref_id=ref)
-        for pos, ref in enumerate(msg.parents)
-    )
-    session.add_all(
-        MessageRecipient(message_pk=row.id, account_id=a) for a in dict.fromkeys(recipients)
-    )
-    return row
+    refs = [{"message_pk": pk, "position": n, "ref_id": r} for n, r in enumerate(msg.parents)]
+    if refs:
+        conn.execute(insert(MESSAGE_REFS), refs)
+    rcpts = [{"message_pk": pk, "account_id": a} for a in dict.fromkeys(recipients)]
+    if rcpts:
+        conn.execute(insert(MESSAGE_RECIPIENTS), rcpts)
+    return pk
+
+
+def _new_id(conn: Connection, stmt: Insert) -> int:
+    """The primary key the insert created (lastrowid on SQLite, RETURNING elsewhere)."""
+    key = conn.execute(stmt).inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
 def enqueue(
@@ -114,24 +129,26 @@ def enqueue(
     payload: bytes = b"",
     envelope_from: str = "",
     envelope_to: Sequence[str] = (),
-) -> Outbox:
+) -> int:
     """Write work for the outbox worker in the caller's transaction (the outbox pattern)."""
     now = utcnow()
-    row = Outbox(
-        kind=kind.value,
-        account_id=account_id,
-        interaction_id=interaction_id,
-        message_pk=message_pk,
-        payload=payload,
-        envelope_from=envelope_from,
-        envelope_to=",".join(envelope_to),
-        created_at=now,
-        next_attempt_at=now,
-        deadline=now + timedelta(seconds=settings.outbox.lifetime),
+    return _new_id(
+        session.connection(),
+        insert(OUTBOX).values(
+            kind=kind.value,
+            account_id=account_id,
+            interaction_id=interaction_id,
+            message_pk=message_pk,
+            payload=payload,
+            envelope_from=envelope_from,
+            envelope_to=",".join(envelope_to),
+            status="pending",
+            attempts=0,
+            created_at=now,
+            next_attempt_at=now,
+            deadline=now + timedelta(seconds=settings.outbox.lifetime),
+        ),
     )
-    session.add(row)
-    session.flush()
-    return row
 
 
 class Pipeline:
@@ -141,6 +158,7 @@ class Pipeline:
         self.settings = settings
         self.db = db
         self.accounts = accounts
+        self.writes = WriteBatcher(db)
 
     @classmethod
     def open(cls, settings: Settings, *, upgrade: bool | None = None) -> Pipeline:
@@ -156,7 +174,13 @@ class Pipeline:
         return cls(settings, db, accounts)
 
     def close(self) -> None:
+        self.writes.shutdown()
         self.db.dispose()
+
+    async def aclose(self) -> None:
+        """Close from inside the event loop that used :attr:`writes`."""
+        await self.writes.aclose()
+        await asyncio.to_thread(self.db.dispose)
 
     # ------------------------------------------------------------------ recipients
 
@@ -198,30 +222,90 @@ class Pipeline:
         message that breaks the routing code is stored as held instead: one bad message
         must never stop the stage, nor be lost.
         """
+        msg, receiving = self._prepare(raw, accounts, envelope_sender)
+
+        def once() -> Accepted:
+            with self.db.write() as session:
+                return self._accept_in(session, msg, receiving, source, in_mailbox_of)
+
+        result = self._with_retry(once)
+        self._log(msg, result)
+        return result
+
+    async def accept_async(
+        self,
+        raw: bytes,
+        accounts: Sequence[AccountSettings],
+        *,
+        source: str,
+        envelope_sender: str | None = None,
+        in_mailbox_of: str | None = None,
+    ) -> Accepted:
+        """:meth:`accept` for the daemon: the same work, group-committed with other writes."""
+        msg, receiving = await asyncio.to_thread(self._prepare, raw, accounts, envelope_sender)
+        for attempt in (1, 2):
+            try:
+                result = await self.writes.submit(
+                    lambda s: self._accept_in(s, msg, receiving, source, in_mailbox_of)
+                )
+                break
+            except Exception as exc:
+                if not self._retryable(exc, attempt):
+                    raise self._unavailable(exc) from exc
+        self._log(msg, result)
+        return result
+
+    def _prepare(
+        self, raw: bytes, accounts: Sequence[AccountSettings], envelope_sender: str | None
+    ) -> tuple[ParsedMessage, list[str]]:
         if not accounts:
             raise ValueError("accept() needs at least one receiving account")
         msg = parse(raw, envelope_sender)
-        receiving = self.order_recipients(msg, accounts)
+        return msg, self.order_recipients(msg, accounts)
+
+    def _with_retry(self, once: Callable[[], Accepted]) -> Accepted:
         for attempt in (1, 2):
             try:
-                with self.db.write() as session:
-                    result = self._apply(session, msg, receiving, source, in_mailbox_of)
-                break
-            except IntegrityError:
-                # Another instance stored the same message between our look-up and insert;
-                # the second attempt sees it and takes the duplicate path.
-                if attempt == 2:
-                    raise StoreUnavailable("conflicting concurrent insert") from None
-            except OperationalError as exc:
-                raise StoreUnavailable(f"store unavailable: {exc.orig}") from exc
-            except SQLAlchemyError as exc:
-                raise StoreUnavailable(f"store error: {exc}") from exc
+                return once()
             except Exception as exc:
-                log.exception("routing failed; holding message msgid=%s", format_id(msg.message_id))
-                result = self._hold_after_crash(msg, receiving, source, exc)
-                break
-        self._log(msg, result)
-        return result
+                if not self._retryable(exc, attempt):
+                    raise self._unavailable(exc) from exc
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _retryable(exc: Exception, attempt: int) -> bool:
+        # Another instance stored the same message between our look-up and insert; the
+        # second attempt sees it and takes the duplicate path.
+        return isinstance(exc, IntegrityError) and attempt == 1
+
+    @staticmethod
+    def _unavailable(exc: Exception) -> StoreUnavailable:
+        if isinstance(exc, StoreUnavailable):
+            return exc
+        if isinstance(exc, IntegrityError):
+            return StoreUnavailable("conflicting concurrent insert")
+        if isinstance(exc, OperationalError):
+            return StoreUnavailable(f"store unavailable: {exc.orig}")
+        return StoreUnavailable(f"store error: {exc}")
+
+    def _accept_in(
+        self,
+        session: Session,
+        msg: ParsedMessage,
+        receiving: list[str],
+        source: str,
+        in_mailbox_of: str | None,
+    ) -> Accepted:
+        """Decide and persist in ``session``; a crash in the routing code holds the message."""
+        try:
+            with session.begin_nested():
+                return self._apply(session, msg, receiving, source, in_mailbox_of)
+        except SQLAlchemyError:
+            raise  # the store's problem, not the message's: the caller retries or 451s
+        except Exception as exc:
+            log.exception("routing failed; holding message msgid=%s", format_id(msg.message_id))
+            with session.begin_nested():
+                return self._hold_after_crash(session, msg, receiving, source, exc)
 
     def _apply(
         self,
@@ -240,14 +324,12 @@ class Pipeline:
             assert d.existing_pk is not None
             have = view.existing(msg.message_id, msg.content_hash)
             known = {self.accounts.id(n) for n in (have[1] if have else set())}
-            session.add_all(
-                MessageRecipient(message_pk=d.existing_pk, account_id=a)
-                for a in ids
-                if a not in known
-            )
+            extra = [{"message_pk": d.existing_pk, "account_id": a} for a in ids if a not in known]
+            if extra:
+                session.connection().execute(insert(MESSAGE_RECIPIENTS), extra)
             return Accepted(d, d.existing_pk, d.interaction_id)
         if d.action == "hold":
-            row = add_message(
+            pk = add_message(
                 session,
                 msg,
                 direction=Direction.INBOUND,
@@ -257,30 +339,30 @@ class Pipeline:
                 recipients=ids,
                 decision=d,
             )
-            return Accepted(d, row.id, None)
+            return Accepted(d, pk, None)
 
         assert d.owner is not None and d.deliver_to is not None
         owner_id = self.accounts.id(d.owner)
         now = utcnow()
         if d.interaction_id is None:
-            interaction = Interaction(
-                created_at=now,
-                account_id=owner_id,
-                origin_account_id=owner_id,
-                status="open",
-                unread=True,
-                distribution="queue",
-                customer_address=msg.reply_to_email or msg.from_email or None,
-                customer_name=msg.from_name or None,
-                subject=msg.subject or None,
-                last_activity_at=now,
+            iid = _new_id(
+                session.connection(),
+                insert(INTERACTIONS).values(
+                    created_at=now,
+                    account_id=owner_id,
+                    origin_account_id=owner_id,
+                    status="open",
+                    unread=True,
+                    distribution="queue",
+                    customer_address=msg.reply_to_email or msg.from_email or None,
+                    customer_name=msg.from_name or None,
+                    subject=msg.subject or None,
+                    last_activity_at=now,
+                ),
             )
-            session.add(interaction)
-            session.flush()
-            iid = interaction.id
         else:
             iid = d.interaction_id
-        row = add_message(
+        pk = add_message(
             session,
             msg,
             direction=Direction.INBOUND,
@@ -293,28 +375,31 @@ class Pipeline:
         )
         # New customer mail makes the conversation unread again (and reopens a closed one),
         # but never changes its owner: only a transfer does (no automatic return).
-        session.execute(
-            update(Interaction)
-            .where(Interaction.id == iid)
-            .values(
-                unread=True, status="open", last_activity_at=now, last_customer_message_pk=row.id
-            )
+        session.connection().execute(
+            update(INTERACTIONS)
+            .where(INTERACTIONS.c.id == iid)
+            .values(unread=True, status="open", last_activity_at=now, last_customer_message_pk=pk)
         )
         if d.deliver_to == in_mailbox_of:
-            return Accepted(d, row.id, iid)
+            return Accepted(d, pk, iid)
         out = enqueue(
             session,
             self.settings,
             kind=OutboxKind.DELIVER,
             account_id=self.accounts.id(d.deliver_to),
             interaction_id=iid,
-            message_pk=row.id,
+            message_pk=pk,
             envelope_to=[self.settings.account(d.deliver_to).address],
         )
-        return Accepted(d, row.id, iid, out.id)
+        return Accepted(d, pk, iid, out)
 
     def _hold_after_crash(
-        self, msg: ParsedMessage, receiving: list[str], source: str, exc: Exception
+        self,
+        session: Session,
+        msg: ParsedMessage,
+        receiving: list[str],
+        source: str,
+        exc: Exception,
     ) -> Accepted:
         d = Decision(
             "hold",
@@ -322,25 +407,21 @@ class Pipeline:
             receiving[0],
             reason=f"internal error: {type(exc).__name__}: {exc}",
         )
+        seen = StoreView(session, self.accounts).existing(msg.message_id, msg.content_hash)
+        if seen is not None:
+            return Accepted(d, seen[0], None)
         ids = [self.accounts.id(n) for n in receiving]
-        try:
-            with self.db.write() as session:
-                seen = StoreView(session, self.accounts).existing(msg.message_id, msg.content_hash)
-                if seen is not None:
-                    return Accepted(d, seen[0], None)
-                row = add_message(
-                    session,
-                    msg,
-                    direction=Direction.INBOUND,
-                    account_id=ids[0],
-                    interaction_id=None,
-                    source=source,
-                    recipients=ids,
-                    decision=d,
-                )
-                return Accepted(d, row.id, None)
-        except SQLAlchemyError as exc2:
-            raise StoreUnavailable(f"could not hold message after error: {exc2}") from exc2
+        pk = add_message(
+            session,
+            msg,
+            direction=Direction.INBOUND,
+            account_id=ids[0],
+            interaction_id=None,
+            source=source,
+            recipients=ids,
+            decision=d,
+        )
+        return Accepted(d, pk, None)
 
     def _log(self, msg: ParsedMessage, r: Accepted) -> None:
         d = r.decision
@@ -361,8 +442,3 @@ class Pipeline:
             auto=msg.automatic,
             message=r.message_pk,
         )
-
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self.db.write() as s:
-            yield s

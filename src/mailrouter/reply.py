@@ -62,7 +62,7 @@ def reply(p: Pipeline, interaction_id: int, body: str, *, agent: str | None = No
             )
         except ValueError as exc:
             raise ReplyRefused(str(exc)) from None
-        row = add_message(
+        message_pk = add_message(
             s,
             parse(composed.raw),
             direction=Direction.OUTBOUND,
@@ -70,13 +70,13 @@ def reply(p: Pipeline, interaction_id: int, body: str, *, agent: str | None = No
             interaction_id=i.id,
             source="reply",
         )
-        ob = enqueue(
+        outbox_pk = enqueue(
             s,
             p.settings,
             kind=OutboxKind.REPLY,
             account_id=i.account_id,
             interaction_id=i.id,
-            message_pk=row.id,
+            message_pk=message_pk,
             payload=composed.raw,
             envelope_from=composed.envelope_from,
             envelope_to=composed.envelope_to,
@@ -84,7 +84,7 @@ def reply(p: Pipeline, interaction_id: int, body: str, *, agent: str | None = No
         i.last_activity_at = utcnow()
         if agent and not i.assigned_agent:
             i.assigned_agent = agent
-        result = ReplyResult(i.id, account.name, composed.message_id, composed.envelope_to, ob.id)
+        result = ReplyResult(i.id, account.name, composed.message_id, composed.envelope_to, outbox_pk)
     event(
         log,
         "reply",

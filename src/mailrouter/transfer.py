@@ -121,7 +121,7 @@ def transfer(
                         f"notice template of account {source.name} failed: {exc}"
                     ) from exc
                 out_msg = parse(notice.raw)
-                row = add_message(
+                message_pk = add_message(
                     s,
                     out_msg,
                     direction=Direction.OUTBOUND,
@@ -129,21 +129,21 @@ def transfer(
                     interaction_id=interaction.id,
                     source="transfer-notice",
                 )
-                ob = enqueue(
+                outbox_pk = enqueue(
                     s,
                     p.settings,
                     kind=OutboxKind.NOTIFY,
                     account_id=p.accounts.id(target.name),
                     interaction_id=interaction.id,
-                    message_pk=row.id,
+                    message_pk=message_pk,
                     payload=notice.raw,
                     envelope_from=notice.envelope_from,
                     envelope_to=notice.envelope_to,
                 )
                 record.notification = "queued"
                 record.notification_message_id = notice.message_id
-                record.notification_outbox_id = ob.id
-                outbox_id, notice_id = ob.id, notice.message_id
+                record.notification_outbox_id = outbox_pk
+                outbox_id, notice_id = outbox_pk, notice.message_id
         result = TransferResult(
             transfer_id=record.id,
             interaction_id=interaction.id,

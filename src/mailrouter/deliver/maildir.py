@@ -49,7 +49,8 @@ def maildir_deliver(path: Path, raw: bytes, key: str) -> Path:
             if marker in name:
                 return path / sub / name  # delivered before a crash: do not duplicate
     now = time.time()
-    name = f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}{marker}{_HOST}"
+    # Zero-padded microseconds: names then sort in delivery order within a second.
+    name = f"{int(now)}.M{int(now * 1e6) % 1_000_000:06d}P{os.getpid()}{marker}{_HOST}"
     data = raw.replace(b"\r\n", b"\n")  # Maildir files use the local line ending
     final = path / "new" / name
     _write_atomic(path / "tmp" / name, final, data)

@@ -75,8 +75,7 @@ class IngestHandler:
                 accounts.append(acc)
         raw = envelope.original_content or b""
         try:
-            result = await asyncio.to_thread(
-                self.p.accept,
+            result = await self.p.accept_async(
                 raw,
                 accounts,
                 source=self.proto,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from typing import cast
 
 from sqlalchemy import (
     BigInteger,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -28,6 +30,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
+    "INTERACTIONS",
+    "MESSAGES",
+    "MESSAGE_RECIPIENTS",
+    "MESSAGE_REFS",
+    "OUTBOX",
     "Account",
     "Base",
     "Direction",
@@ -251,3 +258,11 @@ class ImapState(Base):
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+# Plain tables for Core statements on the ingest hot path (see pipeline.add_message).
+INTERACTIONS = cast(Table, Interaction.__table__)
+MESSAGES = cast(Table, Message.__table__)
+MESSAGE_REFS = cast(Table, MessageRef.__table__)
+MESSAGE_RECIPIENTS = cast(Table, MessageRecipient.__table__)
+OUTBOX = cast(Table, Outbox.__table__)

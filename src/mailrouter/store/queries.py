@@ -8,7 +8,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailrouter.config import Settings
-from mailrouter.store.models import Account, Interaction, Message, MessageRecipient, MessageRef
+from mailrouter.store.models import (
+    INTERACTIONS,
+    MESSAGE_RECIPIENTS,
+    MESSAGE_REFS,
+    MESSAGES,
+    Account,
+)
 
 __all__ = ["AccountMap", "StoreView", "sync_accounts"]
 
@@ -48,57 +54,57 @@ def sync_accounts(session: Session, settings: Settings) -> AccountMap:
 
 
 class StoreView:
-    """The routing decision's window on the store (implements ``RoutingView``)."""
+    """The routing decision's window on the store (implements ``RoutingView``).
+
+    Core statements on the session's connection: these run several times per message.
+    """
 
     def __init__(self, session: Session, accounts: AccountMap) -> None:
-        self.session = session
+        self.conn = session.connection()
         self.accounts = accounts
 
     def interactions_of(self, ids: Sequence[str]) -> dict[str, int]:
         if not ids:
             return {}
+        m = MESSAGES.c
         q = (
-            select(Message.message_id, Message.interaction_id)
-            .where(Message.message_id.in_(list(ids)), Message.interaction_id.is_not(None))
-            .order_by(Message.id)
+            select(m.message_id, m.interaction_id)
+            .where(m.message_id.in_(list(ids)), m.interaction_id.is_not(None))
+            .order_by(m.id)
         )
         out: dict[str, int] = {}
-        for mid, iid in self.session.execute(q):
-            if iid is not None:
-                out.setdefault(mid, iid)
+        for mid, iid in self.conn.execute(q):
+            out.setdefault(mid, iid)
         return out
 
     def interactions_referencing(self, ids: Sequence[str]) -> dict[str, int]:
         if not ids:
             return {}
+        m, r = MESSAGES.c, MESSAGE_REFS.c
         q = (
-            select(MessageRef.ref_id, Message.interaction_id)
-            .join(Message, Message.id == MessageRef.message_pk)
-            .where(MessageRef.ref_id.in_(list(ids)), Message.interaction_id.is_not(None))
-            .order_by(Message.id)
+            select(r.ref_id, m.interaction_id)
+            .join_from(MESSAGE_REFS, MESSAGES, m.id == r.message_pk)
+            .where(r.ref_id.in_(list(ids)), m.interaction_id.is_not(None))
+            .order_by(m.id)
         )
         out: dict[str, int] = {}
-        for mid, iid in self.session.execute(q):
-            if iid is not None:
-                out.setdefault(mid, iid)
+        for mid, iid in self.conn.execute(q):
+            out.setdefault(mid, iid)
         return out
 
     def owner_of(self, interaction_id: int) -> str:
-        account_id = self.session.scalar(
-            select(Interaction.account_id).where(Interaction.id == interaction_id)
-        )
+        i = INTERACTIONS.c
+        account_id = self.conn.scalar(select(i.account_id).where(i.id == interaction_id))
         assert account_id is not None, f"interaction {interaction_id} vanished"
         return self.accounts.name(account_id)
 
     def existing(self, message_id: str, content_hash: str) -> tuple[int, set[str]] | None:
-        pk = self.session.scalar(
-            select(Message.id).where(
-                Message.message_id == message_id, Message.content_hash == content_hash
-            )
+        m = MESSAGES.c
+        pk = self.conn.scalar(
+            select(m.id).where(m.message_id == message_id, m.content_hash == content_hash)
         )
         if pk is None:
             return None
-        ids = self.session.scalars(
-            select(MessageRecipient.account_id).where(MessageRecipient.message_pk == pk)
-        )
+        rc = MESSAGE_RECIPIENTS.c
+        ids = self.conn.scalars(select(rc.account_id).where(rc.message_pk == pk))
         return pk, {self.accounts.name(i) for i in ids}
