@@ -457,12 +457,12 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_pick(settings: Settings, args: argparse.Namespace) -> int:
-    from mailrouter.store.models import Interaction
+    from mailrouter.store.queries import lock_interaction
 
     p = _pipeline(settings)
     try:
         with p.db.write() as s:
-            i = s.get(Interaction, args.id, with_for_update=True)
+            i = lock_interaction(s, args.id)
             if i is None:
                 raise CommandError(f"no interaction {args.id}")
             if i.assigned_agent and i.assigned_agent != args.agent and not args.force:
@@ -479,12 +479,12 @@ def cmd_pick(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_close(settings: Settings, args: argparse.Namespace) -> int:
-    from mailrouter.store.models import Interaction
+    from mailrouter.store.queries import lock_interaction
 
     p = _pipeline(settings)
     try:
         with p.db.write() as s:
-            i = s.get(Interaction, args.id, with_for_update=True)
+            i = lock_interaction(s, args.id)
             if i is None:
                 raise CommandError(f"no interaction {args.id}")
             i.status = "closed"

@@ -118,7 +118,7 @@ class OutboxWorker:
             message_id = msg.message_id if msg is not None else ""
             if ob.kind == OutboxKind.DELIVER.value and msg is not None:
                 routed_from = None
-                if msg.account_id != ob.account_id:
+                if msg.routed_to_account_id is not None:
                     routed_from = self.p.settings.account(
                         self.p.accounts.name(msg.account_id)
                     ).address

@@ -370,7 +370,9 @@ class Pipeline:
             interaction_id=iid,
             source=source,
             recipients=ids,
-            routed_to=owner_id if owner_id != ids[0] else None,
+            # Routed only when the owner was not among the recipients: a Cc to the old and
+            # the new address reached the owner directly.
+            routed_to=owner_id if d.action == "route" else None,
             decision=d,
         )
         # New customer mail makes the conversation unread again (and reopens a closed one),

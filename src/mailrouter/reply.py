@@ -16,7 +16,8 @@ from mailrouter.log import event
 from mailrouter.notify import compose_reply
 from mailrouter.parse import format_id, parse
 from mailrouter.pipeline import Pipeline, add_message, enqueue
-from mailrouter.store.models import Direction, Interaction, Message, OutboxKind, utcnow
+from mailrouter.store.models import Direction, Message, OutboxKind, utcnow
+from mailrouter.store.queries import lock_interaction
 
 __all__ = ["ReplyRefused", "ReplyResult", "reply"]
 
@@ -40,7 +41,7 @@ def reply(p: Pipeline, interaction_id: int, body: str, *, agent: str | None = No
     if not body.strip():
         raise ReplyRefused("the reply body is empty")
     with p.db.write() as s:
-        i = s.scalar(select(Interaction).where(Interaction.id == interaction_id).with_for_update())
+        i = lock_interaction(s, interaction_id)
         if i is None:
             raise ReplyRefused(f"no interaction {interaction_id}")
         if i.last_customer_message_pk is None:
@@ -84,7 +85,9 @@ def reply(p: Pipeline, interaction_id: int, body: str, *, agent: str | None = No
         i.last_activity_at = utcnow()
         if agent and not i.assigned_agent:
             i.assigned_agent = agent
-        result = ReplyResult(i.id, account.name, composed.message_id, composed.envelope_to, outbox_pk)
+        result = ReplyResult(
+            i.id, account.name, composed.message_id, composed.envelope_to, outbox_pk
+        )
     event(
         log,
         "reply",

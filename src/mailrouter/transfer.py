@@ -18,7 +18,8 @@ from mailrouter.log import event
 from mailrouter.notify import TemplateError, compose_notice, suppression_reason
 from mailrouter.parse import ParsedMessage, format_id, parse
 from mailrouter.pipeline import Pipeline, add_message, enqueue
-from mailrouter.store.models import Direction, Interaction, Message, OutboxKind, Transfer, utcnow
+from mailrouter.store.models import Direction, Message, OutboxKind, Transfer, utcnow
+from mailrouter.store.queries import lock_interaction
 
 __all__ = ["TransferRefused", "TransferResult", "transfer"]
 
@@ -54,9 +55,7 @@ def transfer(
     """Move interaction ``interaction_id`` to account ``to`` (name or address)."""
     target = _account(p, to)
     with p.db.write() as s:
-        interaction = s.scalar(
-            select(Interaction).where(Interaction.id == interaction_id).with_for_update()
-        )
+        interaction = lock_interaction(s, interaction_id)
         if interaction is None:
             raise TransferRefused(f"no interaction {interaction_id}")
         source = p.settings.account(p.accounts.name(interaction.account_id))

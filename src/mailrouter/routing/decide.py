@@ -55,8 +55,15 @@ def decide(msg: ParsedMessage, receiving: Sequence[str], view: RoutingView) -> D
     if seen is not None:
         pk, accounts = seen
         if set(receiving) <= accounts:
+            iid = view.interactions_of([msg.message_id]).get(msg.message_id)
             return Decision(
-                "duplicate", "duplicate", primary, existing_pk=pk, matched_id=msg.message_id
+                "duplicate",
+                "duplicate",
+                primary,
+                iid,
+                view.owner_of(iid) if iid is not None else None,
+                existing_pk=pk,
+                matched_id=msg.message_id,
             )
         # Same message seen for another account before: it is in its interaction already
         # and the owner's mailbox has it, so only the extra recipient is recorded.

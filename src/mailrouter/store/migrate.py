@@ -1,4 +1,4 @@
-"""Schema migrations (Alembic) driven from code: ``mailrouter db upgrade`` and the start-up check."""
+"""Schema migrations (Alembic) run from code: ``mailrouter db upgrade`` and the start-up check."""
 
 from __future__ import annotations
 

@@ -14,9 +14,21 @@ from mailrouter.store.models import (
     MESSAGE_REFS,
     MESSAGES,
     Account,
+    Interaction,
 )
 
-__all__ = ["AccountMap", "StoreView", "sync_accounts"]
+__all__ = ["AccountMap", "StoreView", "lock_interaction", "sync_accounts"]
+
+
+def lock_interaction(session: Session, interaction_id: int) -> Interaction | None:
+    """Load an interaction and lock its row until the transaction ends.
+
+    ``OF interactions``: its account relationships are eager outer joins, and PostgreSQL
+    refuses FOR UPDATE on the nullable side of an outer join.
+    """
+    return session.scalar(
+        select(Interaction).where(Interaction.id == interaction_id).with_for_update(of=Interaction)
+    )
 
 
 class AccountMap:
