@@ -235,10 +235,14 @@ class _Reader:
         if typ is int and isinstance(value, bool):
             raise self.fail(key, f"expected an integer, got {_kind(value)}")
         if not isinstance(value, typ):
-            raise self.fail(key, f"expected {_TYPE_NAMES.get(typ, typ.__name__)}, got {_kind(value)}")
+            raise self.fail(
+                key, f"expected {_TYPE_NAMES.get(typ, typ.__name__)}, got {_kind(value)}"
+            )
         return value
 
-    def choice(self, data: Mapping[str, Any], key: str, choices: tuple[str, ...], default: str) -> Any:
+    def choice(
+        self, data: Mapping[str, Any], key: str, choices: tuple[str, ...], default: str
+    ) -> Any:
         value = self.get(data, key, str, default)
         if value not in choices:
             raise self.fail(key, f"expected one of {', '.join(choices)}, got {value!r}")
@@ -260,7 +264,9 @@ class _Reader:
         """``<key>_file`` (first line of a file) or ``<key>_env`` (an environment variable)."""
         short = key.rpartition(".")[2]
         if short in data:
-            raise self.fail(key, f"inline secrets are not accepted; use {short}_file or {short}_env")
+            raise self.fail(
+                key, f"inline secrets are not accepted; use {short}_file or {short}_env"
+            )
         fkey, ekey = f"{key}_file", f"{key}_env"
         fname = self.get(data, fkey, str, None)
         ename = self.get(data, ekey, str, None)
@@ -328,7 +334,9 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(str(p), "", "no such file (give -c PATH or set MAILROUTER_CONFIG)") from None
+        raise ConfigError(
+            str(p), "", "no such file (give -c PATH or set MAILROUTER_CONFIG)"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(p), "", f"cannot read: {exc}") from None
     return load_from_text(text, p, env)
@@ -343,13 +351,28 @@ def load_from_text(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"at line (\d+)", str(exc))
-        raise ConfigError(file, "", f"not valid TOML: {exc}", int(m.group(1)) if m else None) from None
+        raise ConfigError(
+            file, "", f"not valid TOML: {exc}", int(m.group(1)) if m else None
+        ) from None
     r = _Reader(file, text)
     config_dir = Path(file).resolve().parent
 
     r.check_keys(
-        data, "", {"state_dir", "hostname", "database", "templates", "accounts", "outbound",
-                   "outbox", "smtp", "lmtp", "log", "daemon"},
+        data,
+        "",
+        {
+            "state_dir",
+            "hostname",
+            "database",
+            "templates",
+            "accounts",
+            "outbound",
+            "outbox",
+            "smtp",
+            "lmtp",
+            "log",
+            "daemon",
+        },
     )
     state_raw = env.get("MAILROUTER_STATE_DIR") or r.get(data, "state_dir", str, DEFAULT_STATE_DIR)
     state_dir = Path(state_raw).expanduser().resolve()
@@ -411,7 +434,7 @@ def _resolve_sqlite_url(url: str, state_dir: Path) -> str:
     """``sqlite:///relative.db`` means relative to the state directory, not the CWD."""
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
-        rest = url[len(prefix):]
+        rest = url[len(prefix) :]
         if rest and not rest.startswith(":"):
             return prefix + str(state_dir / rest)
     return url
@@ -461,8 +484,9 @@ def _accounts(
                     f"template {transfer.template!r} not found: {body} does not exist",
                 )
 
-        delivery = _delivery(r, r.table(acc, f"{key}.delivery"), f"{key}.delivery", name,
-                             address, env, state_path)
+        delivery = _delivery(
+            r, r.table(acc, f"{key}.delivery"), f"{key}.delivery", name, address, env, state_path
+        )
         imap_raw = acc.get("imap")
         imap = None
         if imap_raw is not None:
@@ -472,11 +496,31 @@ def _accounts(
 
 
 def _delivery(
-    r: _Reader, d: Mapping[str, Any], key: str, name: str, address: str,
-    env: Mapping[str, str], state_path: Any,
+    r: _Reader,
+    d: Mapping[str, Any],
+    key: str,
+    name: str,
+    address: str,
+    env: Mapping[str, str],
+    state_path: Any,
 ) -> DeliverySettings:
-    r.check_keys(d, key, {"type", "path", "host", "port", "tls", "user", "password_file",
-                          "password_env", "password", "mailbox", "timeout"})
+    r.check_keys(
+        d,
+        key,
+        {
+            "type",
+            "path",
+            "host",
+            "port",
+            "tls",
+            "user",
+            "password_file",
+            "password_env",
+            "password",
+            "mailbox",
+            "timeout",
+        },
+    )
     typ = r.choice(d, f"{key}.type", ("maildir", "imap", "lmtp"), "maildir")
     if typ == "maildir":
         path = state_path(r.get(d, f"{key}.path", str, f"maildir/{name}"))
@@ -502,9 +546,24 @@ def _delivery(
 def _imap_watch(
     r: _Reader, d: Mapping[str, Any], key: str, address: str, env: Mapping[str, str]
 ) -> ImapWatchSettings:
-    r.check_keys(d, key, {"host", "port", "tls", "user", "password_file", "password_env",
-                          "password", "mailbox", "routed_folder", "poll_interval",
-                          "idle_timeout", "timeout"})
+    r.check_keys(
+        d,
+        key,
+        {
+            "host",
+            "port",
+            "tls",
+            "user",
+            "password_file",
+            "password_env",
+            "password",
+            "mailbox",
+            "routed_folder",
+            "poll_interval",
+            "idle_timeout",
+            "timeout",
+        },
+    )
     password = r.secret(d, f"{key}.password", env)
     if password is None:
         raise r.fail(key, "IMAP watching needs password_file or password_env")
@@ -528,16 +587,34 @@ def _imap_watch(
 def _outbound(
     r: _Reader, d: Mapping[str, Any], env: Mapping[str, str], state_path: Any
 ) -> OutboundSettings:
-    r.check_keys(d, "outbound", {"type", "path", "host", "port", "tls", "user",
-                                 "password_file", "password_env", "password", "timeout",
-                                 "helo_name"})
+    r.check_keys(
+        d,
+        "outbound",
+        {
+            "type",
+            "path",
+            "host",
+            "port",
+            "tls",
+            "user",
+            "password_file",
+            "password_env",
+            "password",
+            "timeout",
+            "helo_name",
+        },
+    )
     typ = r.choice(d, "outbound.type", ("pickup", "smtp"), "pickup")
     if typ == "pickup":
-        return OutboundSettings(type="pickup", path=state_path(r.get(d, "outbound.path", str, "pickup")))
+        return OutboundSettings(
+            type="pickup", path=state_path(r.get(d, "outbound.path", str, "pickup"))
+        )
     host = r.get(d, "outbound.host", str, "127.0.0.1")
     tls = r.choice(d, "outbound.tls", ("none", "starttls", "tls"), "starttls")
     if tls == "none" and not _is_loopback(host):
-        raise r.fail("outbound.tls", f"a non-loopback smarthost ({host}) needs tls = starttls or tls")
+        raise r.fail(
+            "outbound.tls", f"a non-loopback smarthost ({host}) needs tls = starttls or tls"
+        )
     return OutboundSettings(
         type="smtp",
         host=host,
@@ -551,8 +628,11 @@ def _outbound(
 
 
 def _outbox(r: _Reader, d: Mapping[str, Any]) -> OutboxSettings:
-    r.check_keys(d, "outbox", {"initial_backoff", "max_backoff", "lifetime", "batch", "lease",
-                               "poll_interval"})
+    r.check_keys(
+        d,
+        "outbox",
+        {"initial_backoff", "max_backoff", "lifetime", "batch", "lease", "poll_interval"},
+    )
     return OutboxSettings(
         initial_backoff=r.positive(d, "outbox.initial_backoff", float, 30.0),
         max_backoff=r.positive(d, "outbox.max_backoff", float, 3600.0),
@@ -564,11 +644,28 @@ def _outbox(r: _Reader, d: Mapping[str, Any]) -> OutboxSettings:
 
 
 def _listener(
-    r: _Reader, d: Mapping[str, Any], name: str, env: Mapping[str, str], config_dir: Path,
-    default_port: int, default_enabled: bool,
+    r: _Reader,
+    d: Mapping[str, Any],
+    name: str,
+    env: Mapping[str, str],
+    config_dir: Path,
+    default_port: int,
+    default_enabled: bool,
 ) -> ListenerSettings:
-    r.check_keys(d, name, {"enabled", "host", "port", "max_message_size", "tls_cert", "tls_key",
-                           "require_auth", "auth_users"})
+    r.check_keys(
+        d,
+        name,
+        {
+            "enabled",
+            "host",
+            "port",
+            "max_message_size",
+            "tls_cert",
+            "tls_key",
+            "require_auth",
+            "auth_users",
+        },
+    )
     host = r.get(d, f"{name}.host", str, "127.0.0.1")
     require_auth = r.get(d, f"{name}.require_auth", bool, False)
     users_raw = r.table(d, f"{name}.auth_users")
@@ -597,7 +694,9 @@ def _listener(
     if enabled and not _is_loopback(host) and not require_auth and name == "smtp":
         # An SMTP listener reachable from other hosts without AUTH is only safe behind a
         # firewall; make the operator say so explicitly rather than default into it.
-        raise r.fail(f"{name}.host", f"listening on {host} (not loopback) needs require_auth = true")
+        raise r.fail(
+            f"{name}.host", f"listening on {host} (not loopback) needs require_auth = true"
+        )
     if require_auth and not users:
         raise r.fail(f"{name}.auth_users", "require_auth = true needs at least one user")
     return ListenerSettings(
