@@ -299,3 +299,22 @@ def test_resolve_is_a_pure_function_of_headers_and_index(
     msg = parse(b"Message-ID: <m@x>\nIn-Reply-To: <p@x>\nReferences: <r1@x> <r2@x> <p@x>\n\nhi\n")
     found = resolve(msg, FakeIndex(known, referenced))
     assert (found.interaction_id, found.rule, found.matched_id) == expected
+
+
+def test_referenced_lookup_is_skipped_when_a_stored_parent_decides() -> None:
+    """A reply to a stored message costs one look-up; the second is made only when needed."""
+
+    class CountingIndex(FakeIndex):
+        referencing_calls = 0
+
+        def interactions_referencing(self, ids: Sequence[str]) -> dict[str, int]:
+            self.referencing_calls += 1
+            return super().interactions_referencing(ids)
+
+    reply = parse(b"Message-ID: <m@x>\nIn-Reply-To: <p@x>\n\nhi\n")
+    stored_parent = CountingIndex({"p@x": 2}, {})
+    assert resolve(reply, stored_parent).rule == "in-reply-to"
+    assert stored_parent.referencing_calls == 0
+    missing_parent = CountingIndex({}, {"p@x": 3})
+    assert resolve(reply, missing_parent).rule == "shared-reference"
+    assert missing_parent.referencing_calls == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 from mailrouter.parse import ParsedMessage
@@ -33,13 +34,21 @@ class Resolution:
     matched_id: str | None = None
 
 
-@dataclass(frozen=True)
 class Facts:
-    """The look-ups every rule may use, done once per message (two indexed queries)."""
+    """The look-ups every rule may use, each done at most once per message (indexed queries).
 
-    msg: ParsedMessage
-    known: dict[str, int]
-    referenced: dict[str, int]
+    ``referenced`` is only read by the last two rules.  Most mail is a reply whose parent is
+    stored, decided by the first three rules, so that second query is made on first use.
+    """
+
+    def __init__(self, msg: ParsedMessage, index: ThreadIndex) -> None:
+        self.msg = msg
+        self._index = index
+        self.known = index.interactions_of([msg.message_id, *msg.parents])
+
+    @cached_property
+    def referenced(self) -> dict[str, int]:
+        return self._index.interactions_referencing([*self.msg.parents, self.msg.message_id])
 
 
 class ThreadRule(Protocol):
@@ -116,10 +125,7 @@ NEW_INTERACTION = "new-interaction"
 
 def resolve(msg: ParsedMessage, index: ThreadIndex) -> Resolution:
     """Run the rule chain; no match means the message opens a new interaction."""
-    parents = msg.parents
-    known = index.interactions_of([msg.message_id, *parents])
-    referenced = index.interactions_referencing([*parents, msg.message_id])
-    facts = Facts(msg, known, referenced)
+    facts = Facts(msg, index)
     for rule in RULES:
         found = rule.check(facts)
         if found is not None:
