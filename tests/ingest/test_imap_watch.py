@@ -384,20 +384,20 @@ async def test_store_failure_leaves_message_unflagged_in_inbox_then_ingests_once
     dovecot = dovecot_clean
     async with running(settings) as stage:
         await ingest_question_and_transfer(dovecot, stage)
-        real_accept = stage.p.accept
+        real_accept = stage.p.accept_async
         failed, release = threading.Event(), threading.Event()
         calls = []
 
-        def flaky_accept(raw: bytes, accounts: Any, **kw: Any) -> Any:
+        async def flaky_accept(raw: bytes, accounts: Any, **kw: Any) -> Any:
             calls.append(kw.get("in_mailbox_of"))
             if len(calls) == 1:
                 failed.set()
                 raise StoreUnavailable("store unavailable: database is locked (test)")
             # Hold the retry until the test has looked at the server.
-            assert release.wait(10)
-            return real_accept(raw, accounts, **kw)
+            assert await asyncio.to_thread(release.wait, 10)
+            return await real_accept(raw, accounts, **kw)
 
-        monkeypatch.setattr(stage.p, "accept", flaky_accept)
+        monkeypatch.setattr(stage.p, "accept_async", flaky_accept)
         await lmtp(dovecot, SALES, REPLY)
         await eventually(failed.is_set, what="the store failure")
         await eventually(lambda: stage.watchers["sales"].state == "store-backoff")

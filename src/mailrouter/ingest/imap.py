@@ -430,12 +430,9 @@ class ImapWatcher:
             event(log, "imap-vanished", account=self.account.name, uid=uid)
             await self._store(self._save_uid, uid)
             return
-        result: Accepted = await asyncio.to_thread(
-            self.p.accept,
-            raw,
-            [self.account],
-            source="imap",
-            in_mailbox_of=self.account.name,
+        # accept_async: group-committed on the daemon's writer thread with the other stages.
+        result: Accepted = await self.p.accept_async(
+            raw, [self.account], source="imap", in_mailbox_of=self.account.name
         )
         # Committed.  From here on a crash only means reading this UID again, which the
         # pipeline recognises as a duplicate.
