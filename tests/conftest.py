@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from servers import *  # noqa: F403
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 CORPORA = ROOT.parent / "shared" / "corpora"
