@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from servers import CaptureSmarthost, Dovecot, free_port
 
 from mailrouter.config import Settings, load_from_text
 from mailrouter.daemon import Daemon
 from mailrouter.transfer import transfer
+from servers import CaptureSmarthost, Dovecot, free_port
 
 pytestmark = pytest.mark.dovecot
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,13 +94,13 @@ async def daemon(
         await d.shutdown()
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
     """Poll ``check`` (bounded) until it holds; fail with a clear message otherwise."""
-    for _ in range(int(timeout / 0.1)):
+    for _ in range(int(within / 0.1)):
         if await asyncio.to_thread(check):
             return
         await asyncio.sleep(0.1)
-    assert await asyncio.to_thread(check), f"not true within {timeout}s"
+    assert await asyncio.to_thread(check), f"not true within {within}s"
 
 
 def send(port: int, data: bytes, rcpt: str = "sales@example.test") -> None:
@@ -177,7 +177,7 @@ async def test_lmtp_delivery_failure_is_retried_until_dovecot_is_back(
         await eventually(pending_with_error)
     finally:
         dovecot_clean.start()
-    await eventually(lambda: len(dovecot_clean.fetch_all("sales@example.test")) == 1, timeout=10)
+    await eventually(lambda: len(dovecot_clean.fetch_all("sales@example.test")) == 1, within=10)
 
 
 async def test_agent_reply_command_sends_from_current_account_threaded(
