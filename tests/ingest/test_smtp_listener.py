@@ -96,9 +96,9 @@ def _maildir_files(settings: Settings, account: str) -> list[Path]:
     return sorted((path / "new").glob("*")) if (path / "new").is_dir() else []
 
 
-async def _wait_for(predicate: object, timeout: float = 3.0) -> bool:
+async def _wait_for(predicate: object, within: float = 3.0) -> bool:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while loop.time() < deadline:
         if predicate():  # type: ignore[operator]
             return True

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ADDRESSES, maildir_messages, make_settings, scenario
 from sqlalchemy import create_engine, func, select, text
 
+from helpers import ADDRESSES, maildir_messages, make_settings, scenario
 from mailrouter.config import Settings
 from mailrouter.outbox import OutboxWorker
 from mailrouter.pipeline import Pipeline
