@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -143,7 +144,18 @@ async def start_listener(
     cls = LMTPServer if lmtp else SMTP
     hostname = pipeline.settings.hostname
 
+    # AUTH in clear text is acceptable only on loopback without a certificate; with one,
+    # STARTTLS is required before anything else anyway.
+    auth_require_tls = tls is not None or not loopback
+
     def factory() -> SMTP:
+        with warnings.catch_warnings():
+            # aiosmtpd warns on every connection when AUTH is required without TLS; on a
+            # loopback listener that is the operator's documented choice, not news.
+            warnings.simplefilter("ignore", UserWarning)
+            return make()
+
+    def make() -> SMTP:
         return cls(
             handler,
             data_size_limit=listener.max_message_size,
@@ -154,8 +166,7 @@ async def start_listener(
             tls_context=tls,
             require_starttls=tls is not None and not lmtp,
             auth_required=listener.require_auth,
-            # AUTH in clear text is only acceptable on loopback.
-            auth_require_tls=not loopback,
+            auth_require_tls=auth_require_tls,
             authenticator=_Authenticator(listener) if listener.auth_users else None,
             timeout=300,
         )
