@@ -277,12 +277,27 @@ class Dovecot:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        # Started with -F, Dovecot 2.3 leaves its imap processes serving their sessions
+        # when the master gets SIGTERM; end them too, so a "restart" drops every client
+        # (each says "* BYE Server shutting down.") as a real one does under systemd.
+        self._end_leftover_processes()
         # The children close the listening sockets a moment after the master exits.
         deadline = time.monotonic() + 10
         while any(_port_open(p) for p in (self.imap_port, self.lmtp_port)):
             if time.monotonic() > deadline:
                 raise RuntimeError("dovecot ports still open 10 s after stop")
             time.sleep(0.05)
+
+    def _end_leftover_processes(self) -> None:
+        title = f"mailrouter-test-{self.imap_port}/".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if title in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGTERM)
+            except (OSError, ProcessLookupError):
+                continue  # gone already, or not ours to read
 
     def restart(self) -> None:
         """Stop and start again: same ports, same mail (clients see their connection drop)."""
