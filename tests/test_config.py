@@ -265,3 +265,22 @@ def test_relative_template_directory_resolves_next_to_config(tmp_path: Path) -> 
     text = valid(tmp_path).replace(f'directory = "{TEMPLATES}"', 'directory = "notices"')
     settings: Settings = load_from_text(text, conf / "mailrouter.toml", env={})
     assert settings.template_dir == conf.resolve() / "notices"
+
+
+def test_tls_ca_file_resolves_next_to_config_and_must_exist(tmp_path: Path) -> None:
+    """tls_ca_file is relative to the config file; a missing one names file, line and key."""
+    from mailrouter.config import ConfigError, load_from_text
+
+    (tmp_path / "ca.pem").write_text("not checked here\n")
+    base = f'state_dir = "{tmp_path}"\n[accounts.sales]\naddress = "sales@example.test"\n'
+    ok = load_from_text(
+        base + '[outbound]\ntype = "smtp"\ntls_ca_file = "ca.pem"\n', tmp_path / "m.toml", env={}
+    )
+    assert ok.outbound.tls_ca_file == tmp_path / "ca.pem"
+    with pytest.raises(ConfigError) as exc:
+        load_from_text(
+            base + '[outbound]\ntype = "smtp"\ntls_ca_file = "missing.pem"\n',
+            tmp_path / "m.toml",
+            env={},
+        )
+    assert "outbound.tls_ca_file" in str(exc.value) and ":6:" in str(exc.value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -28,6 +29,7 @@ __all__ = [
     "Secret",
     "Settings",
     "TransferSettings",
+    "client_ssl_context",
     "load",
     "load_from_text",
 ]
@@ -80,6 +82,7 @@ class DeliverySettings:
     password: Secret | None = None
     mailbox: str = "INBOX"
     timeout: float = 30.0
+    tls_ca_file: Path | None = None  # trust this CA (a private one) instead of the system's
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class ImapWatchSettings:
     poll_interval: float = 60.0
     idle_timeout: float = 25 * 60.0  # re-IDLE before the 29-minute server limit
     timeout: float = 30.0
+    tls_ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,7 @@ class OutboundSettings:
     password: Secret | None = None
     timeout: float = 60.0
     helo_name: str | None = None
+    tls_ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -259,6 +264,18 @@ class _Reader:
         if not 0 < value < 65536:
             raise self.fail(key, f"expected a TCP port (1-65535), got {value}")
         return value
+
+    def ca_file(self, data: Mapping[str, Any], key: str) -> Path | None:
+        """A CA bundle path (relative to the config file) that must exist."""
+        value = self.get(data, key, str, None)
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = Path(self.file).resolve().parent / path
+        if not path.is_file():
+            raise self.fail(key, f"{path} does not exist")
+        return path
 
     def secret(self, data: Mapping[str, Any], key: str, env: Mapping[str, str]) -> Secret | None:
         """``<key>_file`` (first line of a file) or ``<key>_env`` (an environment variable)."""
@@ -519,6 +536,7 @@ def _delivery(
             "password",
             "mailbox",
             "timeout",
+            "tls_ca_file",
         },
     )
     typ = r.choice(d, f"{key}.type", ("maildir", "imap", "lmtp"), "maildir")
@@ -540,6 +558,7 @@ def _delivery(
         password=password,
         mailbox=r.get(d, f"{key}.mailbox", str, "INBOX"),
         timeout=r.positive(d, f"{key}.timeout", float, 30.0),
+        tls_ca_file=r.ca_file(d, f"{key}.tls_ca_file"),
     )
 
 
@@ -562,6 +581,7 @@ def _imap_watch(
             "poll_interval",
             "idle_timeout",
             "timeout",
+            "tls_ca_file",
         },
     )
     password = r.secret(d, f"{key}.password", env)
@@ -581,6 +601,7 @@ def _imap_watch(
         poll_interval=r.positive(d, f"{key}.poll_interval", float, 60.0),
         idle_timeout=idle,
         timeout=r.positive(d, f"{key}.timeout", float, 30.0),
+        tls_ca_file=r.ca_file(d, f"{key}.tls_ca_file"),
     )
 
 
@@ -602,6 +623,7 @@ def _outbound(
             "password",
             "timeout",
             "helo_name",
+            "tls_ca_file",
         },
     )
     typ = r.choice(d, "outbound.type", ("pickup", "smtp"), "pickup")
@@ -624,6 +646,7 @@ def _outbound(
         password=r.secret(d, "outbound.password", env),
         timeout=r.positive(d, "outbound.timeout", float, 60.0),
         helo_name=r.get(d, "outbound.helo_name", str, None),
+        tls_ca_file=r.ca_file(d, "outbound.tls_ca_file"),
     )
 
 
@@ -713,6 +736,11 @@ def _listener(
 
 def _is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def client_ssl_context(ca_file: Path | None) -> ssl.SSLContext | None:
+    """Verification context for a configured private CA; None means the system's trust."""
+    return ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
 
 
 def describe(settings: Settings) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,7 @@ def settings(
     port: int | None = None,
     tls: str = "none",
     timeout: float = 10,
+    tls_ca_file: Path | None = None,
 ) -> DeliverySettings:
     return DeliverySettings(
         type="imap",
@@ -54,6 +56,7 @@ def settings(
         password=Secret("inline", password),
         mailbox=mailbox,
         timeout=timeout,
+        tls_ca_file=tls_ca_file,
     )
 
 
@@ -176,14 +179,13 @@ async def test_unusable_mailbox_is_temporary(dovecot_clean: Dovecot) -> None:
 
 
 @pytest.mark.dovecot
-async def test_deliver_imap_over_starttls(
-    dovecot_clean: Dovecot, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """tls = starttls through the settings, trusting the test CA like an operator would."""
-    monkeypatch.setenv("SSL_CERT_FILE", str(dovecot_clean.tls.cert))
+async def test_deliver_imap_over_starttls(dovecot_clean: Dovecot) -> None:
+    """tls = starttls through the settings, trusting a private CA via tls_ca_file."""
     raw = message("starttls@customer.test")
     await deliver_imap(
-        settings(dovecot_clean, tls="starttls"), raw, message_id="<starttls@customer.test>"
+        settings(dovecot_clean, tls="starttls", tls_ca_file=dovecot_clean.tls.cert),
+        raw,
+        message_id="<starttls@customer.test>",
     )
     assert dovecot_clean.fetch_all(SALES) == [raw]
 

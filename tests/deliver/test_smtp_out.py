@@ -123,14 +123,12 @@ async def test_all_refused_permanently_names_every_recipient(
     assert CUSTOMER in str(info.value) and OTHER in str(info.value)
 
 
-async def test_starttls_and_auth(
-    capture_smarthost: CaptureSmarthost, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """tls = starttls with a user: encrypted (certificate verified), then AUTH, then sent."""
-    monkeypatch.setenv("SSL_CERT_FILE", str(capture_smarthost.tls.cert))
+async def test_starttls_and_auth(capture_smarthost: CaptureSmarthost) -> None:
+    """tls = starttls with a user: encrypted (verified against tls_ca_file), AUTH, sent."""
     await send(
         capture_smarthost,
         tls="starttls",
+        tls_ca_file=capture_smarthost.tls.cert,
         user=capture_smarthost.user,
         password=Secret("inline", capture_smarthost.password),
     )
@@ -138,15 +136,13 @@ async def test_starttls_and_auth(
     assert got.tls and got.auth_user == capture_smarthost.user
 
 
-async def test_wrong_smtp_password_is_temporary(
-    capture_smarthost: CaptureSmarthost, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_wrong_smtp_password_is_temporary(capture_smarthost: CaptureSmarthost) -> None:
     """AUTH refused (535) is our setup to fix: temporary, so the notice waits for the fix."""
-    monkeypatch.setenv("SSL_CERT_FILE", str(capture_smarthost.tls.cert))
     with pytest.raises(TemporaryDeliveryError, match="535"):
         await send(
             capture_smarthost,
             tls="starttls",
+            tls_ca_file=capture_smarthost.tls.cert,
             user=capture_smarthost.user,
             password=Secret("inline", "wrong"),
         )

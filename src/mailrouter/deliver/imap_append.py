@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar
 
 import aioimaplib
 
-from mailrouter.config import DeliverySettings
+from mailrouter.config import DeliverySettings, client_ssl_context
 from mailrouter.deliver.errors import PermanentDeliveryError, TemporaryDeliveryError
 
 __all__ = ["deliver_imap", "encode_mailbox", "imap_connect", "imap_disconnect"]
@@ -276,6 +276,7 @@ async def deliver_imap(
         settings.user,
         settings.password.get(),
         settings.timeout,
+        client_ssl_context(settings.tls_ca_file),
     )
     client = session.client
     try:

@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Awaitable
 from typing import Literal, TypeVar
 
-from mailrouter.config import DeliverySettings
+from mailrouter.config import DeliverySettings, client_ssl_context
 from mailrouter.deliver.errors import PermanentDeliveryError, TemporaryDeliveryError
 
 __all__ = ["LOST_REPLY_CODE", "deliver_lmtp", "lmtp_deliver"]
@@ -258,6 +258,7 @@ async def deliver_lmtp(
         recipients=[rcpt],
         timeout=settings.timeout,
         tls=settings.tls,
+        ssl_context=client_ssl_context(settings.tls_ca_file),
     )
     code, text = results[rcpt]
     if 200 <= code < 300:

@@ -12,7 +12,7 @@ import logging
 
 import aiosmtplib
 
-from mailrouter.config import OutboundSettings
+from mailrouter.config import OutboundSettings, client_ssl_context
 from mailrouter.deliver.errors import PermanentDeliveryError, TemporaryDeliveryError
 
 __all__ = ["send_smtp"]
@@ -59,6 +59,7 @@ async def send_smtp(
         # False, not None: None would upgrade opportunistically, and tls = "none" means a
         # loopback smarthost where a failing opportunistic upgrade would only get in the way.
         start_tls=settings.tls == "starttls",
+        tls_context=client_ssl_context(settings.tls_ca_file),
     )
     transport: asyncio.BaseTransport | None = None
     try:

@@ -28,7 +28,7 @@ import aioimaplib
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailrouter.config import AccountSettings, ImapWatchSettings
+from mailrouter.config import AccountSettings, ImapWatchSettings, client_ssl_context
 from mailrouter.deliver.errors import DeliveryError
 from mailrouter.deliver.imap_append import encode_mailbox, imap_connect
 from mailrouter.log import event
@@ -298,6 +298,7 @@ class ImapWatcher:
                     c.user,
                     c.password.get() if c.password else "",
                     c.timeout,
+                    ssl_context=client_ssl_context(c.tls_ca_file),
                     on_connection_lost=conn.lost,
                 ),
                 timeout=c.timeout * 5,
