@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import Connection, Insert, insert, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -40,6 +41,13 @@ from mailrouter.store.writer import WriteBatcher
 __all__ = ["Accepted", "Pipeline", "StoreUnavailable", "add_message", "enqueue"]
 
 routing_log = logging.getLogger("mailrouter.routing")
+
+# Built once: statements for the per-message hot path (building costs more than running).
+_INSERT_MESSAGE = insert(MESSAGES)
+_INSERT_REF = insert(MESSAGE_REFS)
+_INSERT_RECIPIENT = insert(MESSAGE_RECIPIENTS)
+_INSERT_OUTBOX = insert(OUTBOX)
+_INSERT_INTERACTION = insert(INTERACTIONS)
 log = logging.getLogger("mailrouter.pipeline")
 
 
@@ -76,7 +84,8 @@ def add_message(
     conn = session.connection()
     pk = _new_id(
         conn,
-        insert(MESSAGES).values(
+        _INSERT_MESSAGE,
+        dict(
             interaction_id=interaction_id,
             direction=direction.value,
             account_id=account_id,
@@ -104,16 +113,16 @@ def add_message(
     )
     refs = [{"message_pk": pk, "position": n, "ref_id": r} for n, r in enumerate(msg.parents)]
     if refs:
-        conn.execute(insert(MESSAGE_REFS), refs)
+        conn.execute(_INSERT_REF, refs)
     rcpts = [{"message_pk": pk, "account_id": a} for a in dict.fromkeys(recipients)]
     if rcpts:
-        conn.execute(insert(MESSAGE_RECIPIENTS), rcpts)
+        conn.execute(_INSERT_RECIPIENT, rcpts)
     return pk
 
 
-def _new_id(conn: Connection, stmt: Insert) -> int:
+def _new_id(conn: Connection, stmt: Insert, params: dict[str, Any]) -> int:
     """The primary key the insert created (lastrowid on SQLite, RETURNING elsewhere)."""
-    key = conn.execute(stmt).inserted_primary_key
+    key = conn.execute(stmt, params).inserted_primary_key
     assert key is not None
     return int(key[0])
 
@@ -134,7 +143,8 @@ def enqueue(
     now = utcnow()
     return _new_id(
         session.connection(),
-        insert(OUTBOX).values(
+        _INSERT_OUTBOX,
+        dict(
             kind=kind.value,
             account_id=account_id,
             interaction_id=interaction_id,
@@ -326,7 +336,7 @@ class Pipeline:
             known = {self.accounts.id(n) for n in (have[1] if have else set())}
             extra = [{"message_pk": d.existing_pk, "account_id": a} for a in ids if a not in known]
             if extra:
-                session.connection().execute(insert(MESSAGE_RECIPIENTS), extra)
+                session.connection().execute(_INSERT_RECIPIENT, extra)
             return Accepted(d, d.existing_pk, d.interaction_id)
         if d.action == "hold":
             pk = add_message(
@@ -347,7 +357,8 @@ class Pipeline:
         if d.interaction_id is None:
             iid = _new_id(
                 session.connection(),
-                insert(INTERACTIONS).values(
+                _INSERT_INTERACTION,
+                dict(
                     created_at=now,
                     account_id=owner_id,
                     origin_account_id=owner_id,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from mailrouter.config import Settings
@@ -65,6 +66,27 @@ def sync_accounts(session: Session, settings: Settings) -> AccountMap:
     return AccountMap({name: row.id for name, row in rows.items()})
 
 
+_M, _R, _RC, _I = MESSAGES.c, MESSAGE_REFS.c, MESSAGE_RECIPIENTS.c, INTERACTIONS.c
+# Built once: these run several times per message, and building a statement costs more
+# than executing it on SQLite (expanding IN-lists keep one cached compilation).
+_INTERACTIONS_OF = (
+    select(_M.message_id, _M.interaction_id)
+    .where(_M.message_id.in_(bindparam("ids", expanding=True)), _M.interaction_id.is_not(None))
+    .order_by(_M.id)
+)
+_INTERACTIONS_REFERENCING = (
+    select(_R.ref_id, _M.interaction_id)
+    .join_from(MESSAGE_REFS, MESSAGES, _M.id == _R.message_pk)
+    .where(_R.ref_id.in_(bindparam("ids", expanding=True)), _M.interaction_id.is_not(None))
+    .order_by(_M.id)
+)
+_OWNER = select(_I.account_id).where(_I.id == bindparam("iid"))
+_EXISTING = select(_M.id).where(
+    _M.message_id == bindparam("mid"), _M.content_hash == bindparam("h")
+)
+_RECIPIENTS = select(_RC.account_id).where(_RC.message_pk == bindparam("pk"))
+
+
 class StoreView:
     """The routing decision's window on the store (implements ``RoutingView``).
 
@@ -75,48 +97,28 @@ class StoreView:
         self.conn = session.connection()
         self.accounts = accounts
 
-    def interactions_of(self, ids: Sequence[str]) -> dict[str, int]:
+    def _first_interaction(self, stmt: Select[Any], ids: Sequence[str]) -> dict[str, int]:
         if not ids:
             return {}
-        m = MESSAGES.c
-        q = (
-            select(m.message_id, m.interaction_id)
-            .where(m.message_id.in_(list(ids)), m.interaction_id.is_not(None))
-            .order_by(m.id)
-        )
         out: dict[str, int] = {}
-        for mid, iid in self.conn.execute(q):
+        for mid, iid in self.conn.execute(stmt, {"ids": list(ids)}):
             out.setdefault(mid, iid)
         return out
+
+    def interactions_of(self, ids: Sequence[str]) -> dict[str, int]:
+        return self._first_interaction(_INTERACTIONS_OF, ids)
 
     def interactions_referencing(self, ids: Sequence[str]) -> dict[str, int]:
-        if not ids:
-            return {}
-        m, r = MESSAGES.c, MESSAGE_REFS.c
-        q = (
-            select(r.ref_id, m.interaction_id)
-            .join_from(MESSAGE_REFS, MESSAGES, m.id == r.message_pk)
-            .where(r.ref_id.in_(list(ids)), m.interaction_id.is_not(None))
-            .order_by(m.id)
-        )
-        out: dict[str, int] = {}
-        for mid, iid in self.conn.execute(q):
-            out.setdefault(mid, iid)
-        return out
+        return self._first_interaction(_INTERACTIONS_REFERENCING, ids)
 
     def owner_of(self, interaction_id: int) -> str:
-        i = INTERACTIONS.c
-        account_id = self.conn.scalar(select(i.account_id).where(i.id == interaction_id))
+        account_id = self.conn.scalar(_OWNER, {"iid": interaction_id})
         assert account_id is not None, f"interaction {interaction_id} vanished"
         return self.accounts.name(account_id)
 
     def existing(self, message_id: str, content_hash: str) -> tuple[int, set[str]] | None:
-        m = MESSAGES.c
-        pk = self.conn.scalar(
-            select(m.id).where(m.message_id == message_id, m.content_hash == content_hash)
-        )
+        pk = self.conn.scalar(_EXISTING, {"mid": message_id, "h": content_hash})
         if pk is None:
             return None
-        rc = MESSAGE_RECIPIENTS.c
-        ids = self.conn.scalars(select(rc.account_id).where(rc.message_pk == pk))
+        ids = self.conn.scalars(_RECIPIENTS, {"pk": pk})
         return pk, {self.accounts.name(i) for i in ids}
