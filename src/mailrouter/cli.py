@@ -12,16 +12,22 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mailrouter import __version__
 from mailrouter.config import AccountSettings, ConfigError, Settings, describe, load
 from mailrouter.log import setup_logging
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from mailrouter.pipeline import Pipeline
+
 __all__ = ["main"]
+T = TypeVar("T")
 
 DEFAULT_CONFIG = "/etc/mailrouter/mailrouter.toml"
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -59,10 +65,20 @@ def _date(value: str) -> datetime:
     return d.replace(tzinfo=UTC) if d.tzinfo is None else d
 
 
-def _pipeline(settings: Settings) -> Any:
+def _pipeline(settings: Settings) -> Pipeline:
     from mailrouter.pipeline import Pipeline
 
     return Pipeline.open(settings)
+
+
+def _read(settings: Settings, query: Callable[[Session, Pipeline], T]) -> T:
+    """Open the store, run ``query`` in one read transaction, close the store."""
+    p = _pipeline(settings)
+    try:
+        with p.db.read() as s:
+            return query(s, p)
+    finally:
+        p.close()
 
 
 def _account(settings: Settings, name: str) -> AccountSettings:
@@ -72,7 +88,7 @@ def _account(settings: Settings, name: str) -> AccountSettings:
         raise CommandError(str(exc.args[0])) from None
 
 
-def _flush(p: Any, args: argparse.Namespace) -> int:
+def _flush(p: Pipeline, args: argparse.Namespace) -> int:
     """Deliver queued work now (the CLI's stand-in for the daemon's outbox worker)."""
     if getattr(args, "queue_only", False):
         return 0
@@ -163,11 +179,12 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(results)
     else:
-        for r in results:
+        for row in results:
             print(
-                f"{r['file']}: {r['action']} interaction={r['interaction']} rule={r['rule']}"
-                + (f" to={r['deliver_to']}" if r["deliver_to"] else "")
-                + (f" reason={r['reason']!r}" if r["reason"] else "")
+                f"{row['file']}: {row['action']} interaction={row['interaction']} "
+                f"rule={row['rule']}"
+                + (f" to={row['deliver_to']}" if row["deliver_to"] else "")
+                + (f" reason={row['reason']!r}" if row["reason"] else "")
             )
         if delivered:
             print(f"delivered {delivered} queued item(s)", file=sys.stderr)
@@ -238,7 +255,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _replay_commit(
-    p: Any,
+    p: Pipeline,
     settings: Settings,
     items: Any,
     forced: Any,
@@ -266,7 +283,7 @@ class _DryRunDone(Exception):
 
 
 def _replay_dry(
-    p: Any,
+    p: Pipeline,
     settings: Settings,
     items: Any,
     forced: Any,
@@ -378,14 +395,12 @@ def cmd_interactions(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.account:
         _account(settings, args.account)
-    p = _pipeline(settings)
-    try:
-        with p.db.read() as s:
-            rows = list_interactions(
-                s, p, account=args.account, unread=args.unread, status=args.status, limit=args.limit
-            )
-    finally:
-        p.close()
+    rows = _read(
+        settings,
+        lambda s, p: list_interactions(
+            s, p, account=args.account, unread=args.unread, status=args.status, limit=args.limit
+        ),
+    )
     if args.json:
         _print_json(rows)
     else:
@@ -410,12 +425,7 @@ def cmd_interactions(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
     from mailrouter.views import interaction_detail
 
-    p = _pipeline(settings)
-    try:
-        with p.db.read() as s:
-            detail = interaction_detail(s, args.id)
-    finally:
-        p.close()
+    detail = _read(settings, lambda s, p: interaction_detail(s, args.id))
     if detail is None:
         raise CommandError(f"no interaction {args.id}")
     if args.json:
@@ -523,12 +533,7 @@ def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.to <= args.from_:
         raise CommandError("--to must be after --from")
-    p = _pipeline(settings)
-    try:
-        with p.db.read() as s:
-            rows = report(s, p, args.from_, args.to)
-    finally:
-        p.close()
+    rows = _read(settings, lambda s, p: report(s, p, args.from_, args.to))
     if args.json:
         _print_json(
             {
@@ -607,12 +612,7 @@ def cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_held(settings: Settings, args: argparse.Namespace) -> int:
     from mailrouter.views import held_messages
 
-    p = _pipeline(settings)
-    try:
-        with p.db.read() as s:
-            rows = held_messages(s)
-    finally:
-        p.close()
+    rows = _read(settings, lambda s, p: held_messages(s))
     if args.json:
         _print_json(rows)
     else:

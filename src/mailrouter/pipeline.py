@@ -339,17 +339,7 @@ class Pipeline:
                 session.connection().execute(_INSERT_RECIPIENT, extra)
             return Accepted(d, d.existing_pk, d.interaction_id)
         if d.action == "hold":
-            pk = add_message(
-                session,
-                msg,
-                direction=Direction.INBOUND,
-                account_id=ids[0],
-                interaction_id=None,
-                source=source,
-                recipients=ids,
-                decision=d,
-            )
-            return Accepted(d, pk, None)
+            return self._store_held(session, msg, ids, source, d)
 
         assert d.owner is not None and d.deliver_to is not None
         owner_id = self.accounts.id(d.owner)
@@ -423,7 +413,13 @@ class Pipeline:
         seen = StoreView(session, self.accounts).existing(msg.message_id, msg.content_hash)
         if seen is not None:
             return Accepted(d, seen[0], None)
-        ids = [self.accounts.id(n) for n in receiving]
+        return self._store_held(session, msg, [self.accounts.id(n) for n in receiving], source, d)
+
+    @staticmethod
+    def _store_held(
+        session: Session, msg: ParsedMessage, ids: list[int], source: str, d: Decision
+    ) -> Accepted:
+        """Keep a message for inspection: no interaction, no delivery, the reason recorded."""
         pk = add_message(
             session,
             msg,
