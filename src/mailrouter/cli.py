@@ -181,7 +181,7 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     else:
         for row in results:
             print(
-                f"{row['file']}: {row['action']} interaction={row['interaction']} "
+                f"{row['file']}: {row['action']} interaction={row['interaction'] or '-'} "
                 f"rule={row['rule']}"
                 + (f" to={row['deliver_to']}" if row["deliver_to"] else "")
                 + (f" reason={row['reason']!r}" if row["reason"] else "")
