@@ -124,6 +124,7 @@ class ListenerSettings:
     host: str = "127.0.0.1"
     port: int = 0
     max_message_size: int = 25 * 1024 * 1024
+    max_connections: int = 100  # beyond this, new clients get 421 (memory stays bounded)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     require_auth: bool = False
@@ -683,6 +684,7 @@ def _listener(
             "host",
             "port",
             "max_message_size",
+            "max_connections",
             "tls_cert",
             "tls_key",
             "require_auth",
@@ -727,6 +729,7 @@ def _listener(
         host=host,
         port=r.port(d, f"{name}.port", default_port),
         max_message_size=r.positive(d, f"{name}.max_message_size", int, 25 * 1024 * 1024),
+        max_connections=r.positive(d, f"{name}.max_connections", int, 100),
         tls_cert=cert,
         tls_key=keyf,
         require_auth=require_auth,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import smtplib
 import socket
@@ -28,7 +29,9 @@ def _free_port() -> int:
         return port
 
 
-def make_settings(tmp_path: Path, *, max_size: int = 1_000_000) -> Settings:
+def make_settings(
+    tmp_path: Path, *, max_size: int = 1_000_000, max_connections: int = 100
+) -> Settings:
     text = f"""
 state_dir = "{tmp_path / "state"}"
 [templates]
@@ -36,6 +39,7 @@ directory = "{ROOT / "config" / "templates"}"
 [smtp]
 port = {_free_port()}
 max_message_size = {max_size}
+max_connections = {max_connections}
 [lmtp]
 enabled = true
 port = {_free_port()}
@@ -333,3 +337,39 @@ def test_count_helper_matches_orm(tmp_path: Path) -> None:
             assert s.scalar(select(func.count()).select_from(Message)) == _stored(settings) == 1
     finally:
         p.close()
+
+
+async def test_connections_over_the_cap_get_421_and_a_freed_slot_is_reused(
+    tmp_path: Path,
+) -> None:
+    """smtp.max_connections bounds concurrent sessions (and so memory): extra ones get 421."""
+    d = Daemon(make_settings(tmp_path, max_connections=2))
+    await d.startup()
+    port = d.settings.smtp.port
+
+    async def greeting() -> tuple[bytes, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return await asyncio.wait_for(reader.readline(), 5), writer
+
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(2):
+            line, w = await greeting()
+            writers.append(w)
+            assert line.startswith(b"220")
+        line, w = await greeting()
+        writers.append(w)
+        assert line.startswith(b"421 4.3.2")
+        writers[0].write(b"QUIT\r\n")
+        await writers[0].drain()
+        await asyncio.sleep(0.2)  # the server notices the session ended
+        line, w = await greeting()
+        writers.append(w)
+        assert line.startswith(b"220")
+    finally:
+        for w in writers:
+            w.close()
+            with contextlib.suppress(ConnectionError):
+                await w.wait_closed()
+        d.stop.set()
+        await d.shutdown()

@@ -23,7 +23,7 @@ from mailrouter.config import AccountSettings, ListenerSettings, Settings
 from mailrouter.log import event
 from mailrouter.pipeline import Pipeline, StoreUnavailable
 
-__all__ = ["IngestHandler", "LMTPServer", "start_listener"]
+__all__ = ["IngestHandler", "LMTPServer", "SMTPServer", "start_listener"]
 
 log = logging.getLogger("mailrouter.ingest")
 
@@ -103,8 +103,43 @@ class IngestHandler:
         return TEMPFAIL
 
 
+class SMTPServer(SMTP):
+    """aiosmtpd's SMTP, telling the listener when its session ends (connection cap)."""
+
+    on_close: Callable[[], None] | None = None
+
+    def connection_lost(self, error: Exception | None) -> None:
+        try:
+            super().connection_lost(error)
+        finally:
+            _closed(self)
+
+
 class LMTPServer(LMTP):
     """aiosmtpd's LMTP with the handler's per-recipient DATA replies (see IngestHandler)."""
+
+    on_close: Callable[[], None] | None = None
+
+    def connection_lost(self, error: Exception | None) -> None:
+        try:
+            super().connection_lost(error)
+        finally:
+            _closed(self)
+
+
+def _closed(server: SMTPServer | LMTPServer) -> None:
+    callback, server.on_close = server.on_close, None
+    if callback is not None:
+        callback()
+
+
+class _Busy(asyncio.Protocol):
+    """Answers a connection over the cap with 421 and hangs up (RFC 5321 §3.8)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(b"421 4.3.2 Too many connections, try again later\r\n")
+        transport.close()
 
 
 class _Authenticator:
@@ -141,21 +176,39 @@ async def start_listener(
     handler = IngestHandler(pipeline, lmtp=lmtp, on_accepted=on_accepted)
     tls = _tls_context(listener)
     loopback = listener.host.startswith("127.") or listener.host in ("localhost", "::1")
-    cls = LMTPServer if lmtp else SMTP
+    cls: type[SMTPServer] | type[LMTPServer] = LMTPServer if lmtp else SMTPServer
+    active = 0
+
+    def session_ended() -> None:
+        nonlocal active
+        active -= 1
+
+    def protocol() -> asyncio.Protocol:
+        # Each session may hold up to max_message_size bytes during DATA: capping the
+        # sessions caps the memory, like Postfix's smtpd process limit.
+        nonlocal active
+        if active >= listener.max_connections:
+            event(log, "busy", logging.WARNING, proto="lmtp" if lmtp else "smtp", active=active)
+            return _Busy()
+        active += 1
+        server = factory()
+        server.on_close = session_ended
+        return server
+
     hostname = pipeline.settings.hostname
 
     # AUTH in clear text is acceptable only on loopback without a certificate; with one,
     # STARTTLS is required before anything else anyway.
     auth_require_tls = tls is not None or not loopback
 
-    def factory() -> SMTP:
+    def factory() -> SMTPServer | LMTPServer:
         with warnings.catch_warnings():
             # aiosmtpd warns on every connection when AUTH is required without TLS; on a
             # loopback listener that is the operator's documented choice, not news.
             warnings.simplefilter("ignore", UserWarning)
             return make()
 
-    def make() -> SMTP:
+    def make() -> SMTPServer | LMTPServer:
         return cls(
             handler,
             data_size_limit=listener.max_message_size,
@@ -172,4 +225,4 @@ async def start_listener(
         )
 
     loop = asyncio.get_running_loop()
-    return await loop.create_server(factory, host=listener.host, port=listener.port)
+    return await loop.create_server(protocol, host=listener.host, port=listener.port)
