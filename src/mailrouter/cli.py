@@ -620,6 +620,28 @@ def cmd_held(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_release(settings: Settings, args: argparse.Namespace) -> int:
+    from mailrouter.pipeline import NotHeld, StoreUnavailable
+
+    p = _pipeline(settings)
+    try:
+        try:
+            r = p.release(args.id)
+        except NotHeld as exc:
+            raise CommandError(str(exc)) from None
+        except StoreUnavailable as exc:
+            raise CommandError(f"release failed, message still held: {exc}") from None
+        _flush(p, args)
+    finally:
+        p.close()
+    d = r.decision
+    print(
+        f"message {args.id}: {d.action} interaction={r.interaction_id or '-'} rule={d.rule}"
+        + (f" reason={d.reason!r}" if d.reason else "")
+    )
+    return EXIT_OK if d.action != "hold" else EXIT_FAIL
+
+
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from mailrouter.daemon import StartupError, run
 
@@ -739,6 +761,9 @@ def build_parser() -> argparse.ArgumentParser:
     json_flag(sp)
 
     json_flag(cmd("held", cmd_held, "messages held for inspection, with the reason"))
+    sp = cmd("release", cmd_release, "route a held message again, once its cause is fixed")
+    sp.add_argument("id", type=int, help="message id from `mailrouter held`")
+    queue_only(sp)
     return ap
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Insert, insert, update
+from sqlalchemy import Connection, Insert, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -32,13 +32,15 @@ from mailrouter.store.models import (
     MESSAGES,
     OUTBOX,
     Direction,
+    Message,
+    MessageRecipient,
     OutboxKind,
     utcnow,
 )
 from mailrouter.store.queries import AccountMap, StoreView, sync_accounts
 from mailrouter.store.writer import WriteBatcher
 
-__all__ = ["Accepted", "Pipeline", "StoreUnavailable", "add_message", "enqueue"]
+__all__ = ["Accepted", "NotHeld", "Pipeline", "StoreUnavailable", "add_message", "enqueue"]
 
 routing_log = logging.getLogger("mailrouter.routing")
 
@@ -49,6 +51,10 @@ _INSERT_RECIPIENT = insert(MESSAGE_RECIPIENTS)
 _INSERT_OUTBOX = insert(OUTBOX)
 _INSERT_INTERACTION = insert(INTERACTIONS)
 log = logging.getLogger("mailrouter.pipeline")
+
+
+class NotHeld(Exception):
+    """``release`` was asked for a message that is not held."""
 
 
 class StoreUnavailable(Exception):
@@ -431,6 +437,48 @@ class Pipeline:
             decision=d,
         )
         return Accepted(d, pk, None)
+
+    def release(self, message_pk: int) -> Accepted:
+        """Route a held message again (after its cause was fixed), in one transaction.
+
+        The held row gives way to whatever the pipeline decides now; if that fails, the
+        transaction rolls back and the message stays held — it is never lost on the way.
+        """
+
+        def once() -> tuple[ParsedMessage, Accepted]:
+            with self.db.write() as session:
+                row = session.get(Message, message_pk)
+                if row is None or row.status != "held":
+                    raise NotHeld(f"message {message_pk} is not held")
+                receiving = [
+                    self.accounts.name(a)
+                    for a in session.scalars(
+                        select(MessageRecipient.account_id).where(
+                            MessageRecipient.message_pk == message_pk
+                        )
+                    )
+                ] or [self.accounts.name(row.account_id)]
+                msg = parse(row.raw)
+                for table, column in (
+                    (MESSAGE_REFS, "message_pk"),
+                    (MESSAGE_RECIPIENTS, "message_pk"),
+                    (MESSAGES, "id"),
+                ):
+                    session.execute(delete(table).where(table.c[column] == message_pk))
+                session.expunge(row)
+                return msg, self._accept_in(session, msg, receiving, row.source or "release", None)
+
+        for attempt in (1, 2):
+            try:
+                msg, result = once()
+                break
+            except NotHeld:
+                raise
+            except Exception as exc:
+                if not self._retryable(exc, attempt):
+                    raise self._unavailable(exc) from exc
+        self._log(msg, result)  # after the commit, like accept()
+        return result
 
     def _log(self, msg: ParsedMessage, r: Accepted) -> None:
         d = r.decision
