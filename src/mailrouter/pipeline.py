@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Insert, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -42,6 +42,7 @@ from mailrouter.store.writer import WriteBatcher
 
 __all__ = ["Accepted", "NotHeld", "Pipeline", "StoreUnavailable", "add_message", "enqueue"]
 
+T = TypeVar("T")
 routing_log = logging.getLogger("mailrouter.routing")
 
 # Built once: statements for the per-message hot path (building costs more than running).
@@ -279,10 +280,12 @@ class Pipeline:
         msg = parse(raw, envelope_sender)
         return msg, self.order_recipients(msg, accounts)
 
-    def _with_retry(self, once: Callable[[], Accepted]) -> Accepted:
+    def _with_retry(self, once: Callable[[], T]) -> T:
         for attempt in (1, 2):
             try:
                 return once()
+            except NotHeld:
+                raise  # a refusal, not a store problem
             except Exception as exc:
                 if not self._retryable(exc, attempt):
                     raise self._unavailable(exc) from exc
@@ -468,15 +471,7 @@ class Pipeline:
                 session.expunge(row)
                 return msg, self._accept_in(session, msg, receiving, row.source or "release", None)
 
-        for attempt in (1, 2):
-            try:
-                msg, result = once()
-                break
-            except NotHeld:
-                raise
-            except Exception as exc:
-                if not self._retryable(exc, attempt):
-                    raise self._unavailable(exc) from exc
+        msg, result = self._with_retry(once)
         self._log(msg, result)  # after the commit, like accept()
         return result
 
