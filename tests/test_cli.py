@@ -394,3 +394,51 @@ def test_installed_command_runs_the_walkthrough(settings: Settings) -> None:
     shown = run("show", "1", "--json")
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["account"] == "support"
+
+
+def test_closed_interaction_cannot_be_transferred_and_new_mail_reopens_it(
+    settings: Settings,
+) -> None:
+    """`close` then `transfer` is refused (exit 1, nothing changed); customer mail reopens it."""
+    ingest(settings, "01-customer-asks.eml")
+    assert run_cli(settings, "close", "1")[0] == 0
+    before = snapshot(settings)
+    code, _, err = run_cli(settings, "transfer", "1", "--to", "support")
+    assert code == 1 and "transfer refused: interaction 1 is closed" in err
+    assert snapshot(settings) == before
+    ingest(settings, "02-customer-adds-detail.eml")
+    [row] = cli_json(settings, "interactions")
+    assert (row["status"], row["unread"], row["account"]) == ("open", True, "sales")
+
+
+def test_pick_refuses_an_interaction_another_agent_picked(settings: Settings) -> None:
+    """A second agent's `pick` exits 1 unless --force; the first pick marks it read."""
+    ingest(settings, "01-customer-asks.eml")
+    assert run_cli(settings, "pick", "1", "--agent", "alice")[0] == 0
+    code, _, err = run_cli(settings, "pick", "1", "--agent", "bob")
+    assert code == 1 and "already picked by alice" in err
+    assert run_cli(settings, "pick", "1", "--agent", "bob", "--force")[0] == 0
+    [row] = cli_json(settings, "interactions")
+    assert (row["assigned_agent"], row["unread"]) == ("bob", False)
+
+
+def test_log_format_json_gives_one_object_per_decision(settings: Settings) -> None:
+    """--log-format json: each routing decision is one JSON object with the same fields."""
+    import json
+
+    code, _, err = run_cli(
+        settings, "--log-format", "json", "ingest", str(CHAIRS / "01-customer-asks.eml")
+    )
+    assert code == 0
+    decisions = [
+        json.loads(line) for line in err.splitlines() if line.startswith("{") and "decision" in line
+    ]
+    assert len(decisions) == 1
+    d = decisions[0]
+    assert (d["event"], d["rule"], d["action"], d["rcpt"]) == (
+        "decision",
+        "new-interaction",
+        "deliver",
+        "sales@example.test",
+    )
+    assert d["interaction"] == 1 and d["msgid"].startswith("<")
