@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from mailrouter.pipeline import Pipeline
+    from mailrouter.store.models import Interaction
 
 __all__ = ["main"]
 T = TypeVar("T")
@@ -466,40 +467,43 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_pick(settings: Settings, args: argparse.Namespace) -> int:
+def _change_interaction(
+    settings: Settings, interaction_id: int, change: Callable[[Interaction], None]
+) -> None:
+    """Lock one interaction and apply ``change`` in a write transaction (or refuse: exit 1)."""
     from mailrouter.store.queries import lock_interaction
 
     p = _pipeline(settings)
     try:
         with p.db.write() as s:
-            i = lock_interaction(s, args.id)
+            i = lock_interaction(s, interaction_id)
             if i is None:
-                raise CommandError(f"no interaction {args.id}")
-            if i.assigned_agent and i.assigned_agent != args.agent and not args.force:
-                raise CommandError(
-                    f"interaction {args.id} is already picked by {i.assigned_agent} "
-                    "(use --force to take it over)"
-                )
-            i.assigned_agent = args.agent
-            i.unread = False
+                raise CommandError(f"no interaction {interaction_id}")
+            change(i)
     finally:
         p.close()
+
+
+def cmd_pick(settings: Settings, args: argparse.Namespace) -> int:
+    def pick(i: Interaction) -> None:
+        if i.assigned_agent and i.assigned_agent != args.agent and not args.force:
+            raise CommandError(
+                f"interaction {args.id} is already picked by {i.assigned_agent} "
+                "(use --force to take it over)"
+            )
+        i.assigned_agent = args.agent
+        i.unread = False
+
+    _change_interaction(settings, args.id, pick)
     print(f"interaction {args.id} picked by {args.agent}")
     return EXIT_OK
 
 
 def cmd_close(settings: Settings, args: argparse.Namespace) -> int:
-    from mailrouter.store.queries import lock_interaction
+    def close(i: Interaction) -> None:
+        i.status = "closed"
 
-    p = _pipeline(settings)
-    try:
-        with p.db.write() as s:
-            i = lock_interaction(s, args.id)
-            if i is None:
-                raise CommandError(f"no interaction {args.id}")
-            i.status = "closed"
-    finally:
-        p.close()
+    _change_interaction(settings, args.id, close)
     print(f"interaction {args.id} closed")
     return EXIT_OK
 
