@@ -63,16 +63,19 @@ class WriteBatcher:
             batch = [await queue.get()]
             while len(batch) < MAX_BATCH and not queue.empty():
                 batch.append(queue.get_nowait())
-            ops = [op for op, fut in batch if not fut.cancelled()]
+            # Callers that gave up before the batch started are left out; one that gives up
+            # while it runs still has its operation committed, and its outcome is dropped
+            # below — every outcome is matched to its own future, never shifted.
+            run = [(op, fut) for op, fut in batch if not fut.cancelled()]
             try:
-                outcomes = await loop.run_in_executor(self._pool, self._run_batch, ops)
+                outcomes = await loop.run_in_executor(
+                    self._pool, self._run_batch, [op for op, _ in run]
+                )
             except Exception as exc:  # noqa: BLE001 - the commit failed: every op failed
-                outcomes = [exc] * len(ops)
-            results = iter(outcomes)
-            for _op, fut in batch:
+                outcomes = [exc] * len(run)
+            for (_op, fut), outcome in zip(run, outcomes, strict=True):
                 if fut.cancelled():
                     continue
-                outcome = next(results)
                 if isinstance(outcome, _Failed):
                     fut.set_exception(outcome.exc)
                 elif isinstance(outcome, BaseException):
