@@ -18,6 +18,7 @@ import socket
 from collections.abc import Awaitable, Callable
 
 from mailrouter.config import Settings
+from mailrouter.ingest.smtp import Listener, start_listener
 from mailrouter.log import event
 from mailrouter.outbox import OutboxWorker
 from mailrouter.pipeline import Pipeline
@@ -48,7 +49,7 @@ class Daemon:
         self.stop = asyncio.Event()
         self.pipeline: Pipeline | None = None
         self.worker: OutboxWorker | None = None
-        self.servers: list[tuple[str, asyncio.Server]] = []
+        self.listeners: list[tuple[str, Listener]] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()
 
@@ -80,14 +81,12 @@ class Daemon:
         self.tasks.append(
             asyncio.create_task(self.supervise("outbox", lambda: worker.run(self.stop)))
         )
-        from mailrouter.ingest.smtp import start_listener
-
         for name, listener, lmtp in (("smtp", s.smtp, False), ("lmtp", s.lmtp, True)):
             if listener.enabled:
-                server = await start_listener(
+                listener_ = await start_listener(
                     self.pipeline, listener, lmtp=lmtp, on_accepted=worker.wake
                 )
-                self.servers.append((name, server))
+                self.listeners.append((name, listener_))
         watched = [a for a in s.accounts if a.imap is not None]
         if watched:
             from mailrouter.ingest.imap import ImapWatcher
@@ -100,8 +99,8 @@ class Daemon:
                 )
         listening = " ".join(
             f"{n}={sock.getsockname()[0]}:{sock.getsockname()[1]}"
-            for n, srv in self.servers
-            for sock in srv.sockets[:1]
+            for n, lst in self.listeners
+            for sock in lst.server.sockets[:1]
         )
         event(
             log,
@@ -118,25 +117,24 @@ class Daemon:
     async def shutdown(self) -> None:
         sd_notify("STOPPING=1")
         event(log, "stopping", timeout=self.settings.shutdown_timeout)
-        for _, server in self.servers:
-            server.close()  # stop accepting; sessions in flight go on
         self.stop.set()
-        waits = [srv.wait_closed() for _, srv in self.servers]
+        # Stop accepting; sessions in flight finish (a 250 still needs its commit, so the
+        # writer stays up until they are done).
+        drains = [lst.drain() for _, lst in self.listeners]
         try:
             async with asyncio.timeout(self.settings.shutdown_timeout):
-                await asyncio.gather(*waits, *self.tasks, return_exceptions=True)
+                await asyncio.gather(*drains, *self.tasks, return_exceptions=True)
                 # Mail accepted just before the signal is already safe in the outbox; one
                 # last bounded pass delivers what is due so a restart finds nothing waiting.
                 if self.worker is not None:
                     await self.worker.run_once(max_rounds=10)
         except TimeoutError:
             log.warning("event=drain-timeout pending=%d", sum(not t.done() for t in self.tasks))
+        for _, lst in self.listeners:
+            lst.abort()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        for _, server in self.servers:
-            if hasattr(server, "close_clients"):
-                server.close_clients()
         if self.pipeline is not None:
             await self.pipeline.aclose()
         event(log, "stopped")

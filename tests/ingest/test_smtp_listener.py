@@ -30,7 +30,11 @@ def _free_port() -> int:
 
 
 def make_settings(
-    tmp_path: Path, *, max_size: int = 1_000_000, max_connections: int = 100
+    tmp_path: Path,
+    *,
+    max_size: int = 1_000_000,
+    max_connections: int = 100,
+    shutdown_timeout: float = 30.0,
 ) -> Settings:
     text = f"""
 state_dir = "{tmp_path / "state"}"
@@ -46,6 +50,8 @@ port = {_free_port()}
 [outbox]
 poll_interval = 0.2
 initial_backoff = 0.1
+[daemon]
+shutdown_timeout = {shutdown_timeout}
 [accounts.sales]
 address = "sales@example.test"
 [accounts.support]
@@ -373,3 +379,51 @@ async def test_connections_over_the_cap_get_421_and_a_freed_slot_is_reused(
                 await w.wait_closed()
         d.stop.set()
         await d.shutdown()
+
+
+async def _open_session(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"220")
+    for cmd in (b"HELO test", b"MAIL FROM:<carol@customer.test>", b"RCPT TO:<sales@example.test>"):
+        writer.write(cmd + b"\r\n")
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"250"), cmd
+    return reader, writer
+
+
+async def test_shutdown_lets_a_session_in_flight_finish_with_250(tmp_path: Path) -> None:
+    """SIGTERM while a client is in DATA: it still gets its 250, and the message is stored."""
+    d = Daemon(make_settings(tmp_path))
+    await d.startup()
+    reader, writer = await _open_session(d.settings.smtp.port)
+    writer.write(b"DATA\r\n")
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"354")
+    writer.write(MESSAGE)  # ... and the client is still sending when the signal comes
+    d.stop.set()
+    stopping = asyncio.ensure_future(d.shutdown())
+    await asyncio.sleep(0.2)
+    assert not stopping.done()  # waits for the session
+    writer.write(b".\r\n")
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"250 2.0.0")
+    writer.write(b"QUIT\r\n")
+    await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    await asyncio.wait_for(stopping, 10)
+    assert _stored(d.settings) == 1
+    assert len(_maildir_files(d.settings, "sales")) == 1  # delivered on the way out
+
+
+async def test_shutdown_hangs_up_on_a_session_idle_past_the_timeout(tmp_path: Path) -> None:
+    """A client that never finishes is disconnected after daemon.shutdown_timeout; nothing
+    it sent was acknowledged, so nothing is stored and its MTA retries."""
+    d = Daemon(make_settings(tmp_path, shutdown_timeout=0.5))
+    await d.startup()
+    reader, writer = await _open_session(d.settings.smtp.port)
+    d.stop.set()
+    await asyncio.wait_for(d.shutdown(), 10)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    assert _stored(d.settings) == 0

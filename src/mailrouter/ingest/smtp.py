@@ -14,6 +14,7 @@ import logging
 import ssl
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
@@ -23,7 +24,7 @@ from mailrouter.config import AccountSettings, ListenerSettings, Settings
 from mailrouter.log import event
 from mailrouter.pipeline import Pipeline, StoreUnavailable
 
-__all__ = ["IngestHandler", "LMTPServer", "SMTPServer", "start_listener"]
+__all__ = ["IngestHandler", "LMTPServer", "Listener", "SMTPServer", "start_listener"]
 
 log = logging.getLogger("mailrouter.ingest")
 
@@ -165,34 +166,61 @@ def _tls_context(listener: ListenerSettings) -> ssl.SSLContext | None:
     return ctx
 
 
+@dataclass
+class Listener:
+    """A bound listener and a way to wait for the sessions it still serves."""
+
+    server: asyncio.Server
+    sessions: set[SMTPServer | LMTPServer]
+    idle: asyncio.Event  # set while no session is open
+
+    async def drain(self) -> None:
+        """Stop accepting, then wait until every open session has ended."""
+        self.server.close()
+        await self.idle.wait()
+
+    def abort(self) -> None:
+        """Hang up on sessions still open (after the drain timeout).  Nothing they sent
+        was acknowledged, so their clients keep the mail and retry."""
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.close()
+
+
 async def start_listener(
     pipeline: Pipeline,
     listener: ListenerSettings,
     *,
     lmtp: bool = False,
     on_accepted: Callable[[], None] | None = None,
-) -> asyncio.Server:
-    """Bind and start serving; returns the server (close it to stop accepting)."""
+) -> Listener:
+    """Bind and start serving; :meth:`Listener.drain` stops it gracefully."""
     handler = IngestHandler(pipeline, lmtp=lmtp, on_accepted=on_accepted)
     tls = _tls_context(listener)
     loopback = listener.host.startswith("127.") or listener.host in ("localhost", "::1")
     cls: type[SMTPServer] | type[LMTPServer] = LMTPServer if lmtp else SMTPServer
-    active = 0
-
-    def session_ended() -> None:
-        nonlocal active
-        active -= 1
+    sessions: set[SMTPServer | LMTPServer] = set()
+    idle = asyncio.Event()
+    idle.set()
 
     def protocol() -> asyncio.Protocol:
         # Each session may hold up to max_message_size bytes during DATA: capping the
         # sessions caps the memory, like Postfix's smtpd process limit.
-        nonlocal active
-        if active >= listener.max_connections:
-            event(log, "busy", logging.WARNING, proto="lmtp" if lmtp else "smtp", active=active)
+        if len(sessions) >= listener.max_connections:
+            event(
+                log, "busy", logging.WARNING, proto="lmtp" if lmtp else "smtp", active=len(sessions)
+            )
             return _Busy()
-        active += 1
         server = factory()
-        server.on_close = session_ended
+
+        def ended() -> None:
+            sessions.discard(server)
+            if not sessions:
+                idle.set()
+
+        server.on_close = ended
+        sessions.add(server)
+        idle.clear()
         return server
 
     hostname = pipeline.settings.hostname
@@ -225,4 +253,5 @@ async def start_listener(
         )
 
     loop = asyncio.get_running_loop()
-    return await loop.create_server(protocol, host=listener.host, port=listener.port)
+    server = await loop.create_server(protocol, host=listener.host, port=listener.port)
+    return Listener(server, sessions, idle)
