@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -214,19 +215,24 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         disable=args.json or len(items) < 200 or not sys.stderr.isatty(),
     )
     try:
-        run = _replay_dry if args.dry_run else _replay_commit
-        run(
-            p,
-            settings,
-            items,
-            forced,
-            counts,
-            unroutable,
-            failed,
-            bar,
-            accounts_for,
-            StoreUnavailable,
-        )
+        with contextlib.ExitStack() as stack:
+            # A dry run is one transaction for the whole run, rolled back at the end:
+            # later messages see the interactions earlier ones would have created.
+            scratch = stack.enter_context(p.db.scratch()) if args.dry_run else None
+            for item in items:
+                accounts = forced or accounts_for(item.raw, settings)
+                if not accounts:
+                    unroutable.append(item.origin)
+                elif scratch is not None:
+                    r = p.accept_in(scratch, item.raw, accounts, source="replay")
+                    counts[r.decision.action] += 1
+                else:
+                    try:
+                        r = p.accept(item.raw, accounts, source="replay")
+                        counts[r.decision.action] += 1
+                    except StoreUnavailable as exc:
+                        failed.append(f"{item.origin}: {exc}")
+                bar.update()
         delivered = 0 if args.dry_run else _flush(p, args)
     finally:
         bar.close()
@@ -253,67 +259,6 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         if len(unroutable) > 20:
             print(f"  … and {len(unroutable) - 20} more")
     return EXIT_FAIL if failed else EXIT_OK
-
-
-def _replay_commit(
-    p: Pipeline,
-    settings: Settings,
-    items: Any,
-    forced: Any,
-    counts: Counter[str],
-    unroutable: list[str],
-    failed: list[str],
-    bar: Any,
-    accounts_for: Any,
-    store_unavailable: Any,
-) -> None:
-    for item in items:
-        accounts = forced or accounts_for(item.raw, settings)
-        if not accounts:
-            unroutable.append(item.origin)
-        else:
-            try:
-                counts[p.accept(item.raw, accounts, source="replay").decision.action] += 1
-            except store_unavailable as exc:
-                failed.append(f"{item.origin}: {exc}")
-        bar.update()
-
-
-class _DryRunDone(Exception):
-    pass
-
-
-def _replay_dry(
-    p: Pipeline,
-    settings: Settings,
-    items: Any,
-    forced: Any,
-    counts: Counter[str],
-    unroutable: list[str],
-    failed: list[str],
-    bar: Any,
-    accounts_for: Any,
-    store_unavailable: Any,
-) -> None:
-    from mailrouter.parse import parse
-
-    # One transaction for the whole run, rolled back at the end: later messages see the
-    # interactions earlier ones would have created, and nothing is kept.
-    try:
-        with p.db.write() as session:
-            for item in items:
-                accounts = forced or accounts_for(item.raw, settings)
-                if not accounts:
-                    unroutable.append(item.origin)
-                else:
-                    msg = parse(item.raw)
-                    with session.begin_nested():
-                        r = p._apply(session, msg, p.order_recipients(msg, accounts), "replay")
-                    counts[r.decision.action] += 1
-                bar.update()
-            raise _DryRunDone
-    except _DryRunDone:
-        pass
 
 
 def cmd_explain(settings: Settings, args: argparse.Namespace) -> int:

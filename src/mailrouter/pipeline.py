@@ -272,6 +272,13 @@ class Pipeline:
         self._log(msg, result)
         return result
 
+    def accept_in(
+        self, session: Session, raw: bytes, accounts: Sequence[AccountSettings], *, source: str
+    ) -> Accepted:
+        """:meth:`accept`'s work inside the caller's transaction (``replay --dry-run``)."""
+        msg, receiving = self._prepare(raw, accounts, None)
+        return self._accept_in(session, msg, receiving, source, None)
+
     def _prepare(
         self, raw: bytes, accounts: Sequence[AccountSettings], envelope_sender: str | None
     ) -> tuple[ParsedMessage, list[str]]:

@@ -46,6 +46,16 @@ class Database:
             yield session
 
     @contextmanager
+    def scratch(self) -> Iterator[Session]:
+        """A write transaction that is always rolled back (dry runs)."""
+        with self._writer() as session:
+            session.begin()
+            try:
+                yield session
+            finally:
+                session.rollback()
+
+    @contextmanager
     def read(self) -> Iterator[Session]:
         with self._reader() as session, session.begin():
             yield session
