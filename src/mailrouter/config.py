@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from mailrouter.net import is_loopback
+
 __all__ = [
     "AccountSettings",
     "ConfigError",
@@ -634,7 +636,7 @@ def _outbound(
         )
     host = r.get(d, "outbound.host", str, "127.0.0.1")
     tls = r.choice(d, "outbound.tls", ("none", "starttls", "tls"), "starttls")
-    if tls == "none" and not _is_loopback(host):
+    if tls == "none" and not is_loopback(host):
         raise r.fail(
             "outbound.tls", f"a non-loopback smarthost ({host}) needs tls = starttls or tls"
         )
@@ -716,7 +718,7 @@ def _listener(
     if (cert is None) != (keyf is None):
         raise r.fail(f"{name}.tls_cert", "tls_cert and tls_key go together")
     enabled = r.get(d, f"{name}.enabled", bool, default_enabled)
-    if enabled and not _is_loopback(host) and not require_auth and name == "smtp":
+    if enabled and not is_loopback(host) and not require_auth and name == "smtp":
         # An SMTP listener reachable from other hosts without AUTH is only safe behind a
         # firewall; make the operator say so explicitly rather than default into it.
         raise r.fail(
@@ -735,10 +737,6 @@ def _listener(
         require_auth=require_auth,
         auth_users=users,
     )
-
-
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def client_ssl_context(ca_file: Path | None) -> ssl.SSLContext | None:

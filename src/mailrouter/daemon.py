@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 import os
-import random
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ from mailrouter.ingest.smtp import Listener, start_listener
 from mailrouter.log import event
 from mailrouter.outbox import OutboxWorker
 from mailrouter.pipeline import Pipeline
+from mailrouter.retry import backoff, wait_unless_stopped
 
 __all__ = ["Daemon", "StartupError", "run"]
 
@@ -55,7 +55,7 @@ class Daemon:
 
     async def supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
         """Run a stage; if it crashes, log it and restart it with capped, jittered backoff."""
-        delay = 1.0
+        crashes = 0
         while not self.stop.is_set():
             try:
                 await factory()
@@ -63,10 +63,11 @@ class Daemon:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("event=stage-crashed stage=%s restart_in=%.1fs", name, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), timeout=delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, 60.0)
+                crashes += 1
+                pause = backoff(crashes, 1.0, 60.0)
+                log.exception("event=stage-crashed stage=%s restart_in=%.1fs", name, pause)
+                if await wait_unless_stopped(self.stop, pause):
+                    return
 
     async def startup(self) -> None:
         s = self.settings

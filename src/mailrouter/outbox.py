@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -25,6 +24,7 @@ from mailrouter.deliver.mailbox import deliver_to_account, send_outbound, with_t
 from mailrouter.log import event
 from mailrouter.parse import format_id
 from mailrouter.pipeline import Pipeline
+from mailrouter.retry import backoff, wait_first
 from mailrouter.store.models import Message, Outbox, OutboxKind, OutboxStatus, utcnow
 
 __all__ = ["Job", "OutboxWorker", "backoff"]
@@ -48,16 +48,6 @@ class Job:
     attempts: int
     deadline: datetime
     key: str
-
-
-def backoff(attempts: int, initial: float, cap: float, rnd: random.Random | None = None) -> float:
-    """Seconds before attempt ``attempts + 1``: doubling from ``initial``, capped, jittered.
-
-    The jitter (50–100 % of the step) keeps a burst of failures from retrying in lockstep.
-    """
-    step = min(cap, initial * 2.0 ** max(0, attempts - 1))
-    jitter: float = (rnd or random).uniform(0.5, 1.0)
-    return step * jitter
 
 
 class OutboxWorker:
@@ -264,12 +254,6 @@ class OutboxWorker:
             self._wake.clear()
             if await self._round(stop):
                 continue
-            waiters = {asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())}
-            _, pending = await asyncio.wait(
-                waiters,
-                timeout=self.settings.outbox.poll_interval,
-                return_when=asyncio.FIRST_COMPLETED,
+            await wait_first(
+                self._wake.wait(), stop.wait(), seconds=self.settings.outbox.poll_interval
             )
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)

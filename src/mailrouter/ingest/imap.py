@@ -32,9 +32,9 @@ from mailrouter.config import AccountSettings, ImapWatchSettings, client_ssl_con
 from mailrouter.deliver.errors import DeliveryError
 from mailrouter.deliver.imap_append import encode_mailbox, imap_connect
 from mailrouter.log import event
-from mailrouter.outbox import backoff
 from mailrouter.parse import format_id, parse_ids
 from mailrouter.pipeline import Accepted, Pipeline, StoreUnavailable
+from mailrouter.retry import backoff, wait_first
 from mailrouter.store.models import ImapState, Message, utcnow
 
 __all__ = ["ImapWatcher", "WatchError"]
@@ -279,7 +279,7 @@ class ImapWatcher:
                 was_watching=healthy,
                 reconnect_in=f"{delay:.1f}s",
             )
-            await _wait_first(stop.wait(), seconds=delay)
+            await wait_first(stop.wait(), seconds=delay)
         self.state = "stopped"
         event(log, "imap-stopped", account=self.account.name)
 
@@ -304,7 +304,7 @@ class ImapWatcher:
                 timeout=c.timeout * 5,
             )
         )
-        await _wait_first(login, stop.wait(), seconds=None)
+        await wait_first(login, stop.wait(), seconds=None)
         if login.cancelled():
             return None  # stopped while connecting; imap_connect closed what it had opened
         try:
@@ -381,7 +381,7 @@ class ImapWatcher:
 
     async def _pause(self, conn: _Connection, stop: asyncio.Event, seconds: float) -> None:
         """Sleep ``seconds`` unless stopped; a connection lost meanwhile is an error."""
-        await _wait_first(stop.wait(), conn.gone.wait(), seconds=seconds)
+        await wait_first(stop.wait(), conn.gone.wait(), seconds=seconds)
         if conn.gone.is_set() and not stop.is_set():
             raise WatchError(f"while waiting: {conn.reason}")
 
@@ -394,7 +394,7 @@ class ImapWatcher:
         # aioimaplib's own IDLE timer only queues a marker we do not read; ours is below.
         idle = await conn.run(client.idle_start(timeout=self.cfg.idle_timeout * 2), "IDLE")
         self.state = "idle"
-        await _wait_first(
+        await wait_first(
             stop.wait(), conn.new_mail.wait(), conn.gone.wait(), seconds=self.cfg.idle_timeout
         )
         if conn.gone.is_set():
@@ -607,17 +607,6 @@ class ImapWatcher:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-async def _wait_first(*aws: Awaitable[Any], seconds: float | None) -> None:
-    """Return when the first of ``aws`` finishes or ``seconds`` pass; cancel the rest."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        await asyncio.wait(tasks, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _search_uids(resp: Any) -> list[int]:

@@ -22,6 +22,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from mailrouter.config import AccountSettings, ListenerSettings, Settings
 from mailrouter.log import event
+from mailrouter.net import is_loopback
 from mailrouter.pipeline import Pipeline, StoreUnavailable
 
 __all__ = ["IngestHandler", "LMTPServer", "Listener", "SMTPServer", "start_listener"]
@@ -197,7 +198,7 @@ async def start_listener(
     """Bind and start serving; :meth:`Listener.drain` stops it gracefully."""
     handler = IngestHandler(pipeline, lmtp=lmtp, on_accepted=on_accepted)
     tls = _tls_context(listener)
-    loopback = listener.host.startswith("127.") or listener.host in ("localhost", "::1")
+    loopback = is_loopback(listener.host)
     cls: type[SMTPServer] | type[LMTPServer] = LMTPServer if lmtp else SMTPServer
     sessions: set[SMTPServer | LMTPServer] = set()
     idle = asyncio.Event()
