@@ -54,6 +54,7 @@ from mailrouter.config import load_from_text  # noqa: E402
 from mailrouter.ingest.replay import Recorded, accounts_for, collect, date_order  # noqa: E402
 from mailrouter.parse import parse  # noqa: E402
 from mailrouter.pipeline import Pipeline  # noqa: E402
+from mailrouter.runtime import Runtime  # noqa: E402
 from mailrouter.transfer import transfer  # noqa: E402
 
 # The modules whose functions get timed (mailrouter.routing re-exports ``decide``, which
@@ -267,7 +268,7 @@ def replay(
             target = transfers.get(mid)
             if target and result.interaction_id is not None:
                 t0 = clock()
-                transfer(p, result.interaction_id, target, actor="bench")
+                transfer(p.rt, result.interaction_id, target, actor="bench")
                 run.transfer.append(clock() - t0)
 
     t0 = time.perf_counter()
@@ -305,7 +306,7 @@ def baseline(path: Path, items: list[Recorded]) -> list[float]:
 
 def open_pipeline(state: Path) -> Pipeline:
     settings = load_from_text(CONFIG.format(state=state), state / "mailrouter.toml", env={})
-    return Pipeline.open(settings)
+    return Pipeline(Runtime.open(settings))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -352,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             run = replay(p, items, corpus.transfers, instrument=True)
         finally:
-            p.close()
+            p.rt.close()
         loop_s = run.loop_s
         db, wal = db_size(state / "mailrouter.db")
 
@@ -414,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 replay(p, items, corpus.transfers, instrument=False, wrap=profiled)
             finally:
-                p.close()
+                p.rt.close()
             out = io.StringIO()
             stats = pstats.Stats(prof, stream=out).strip_dirs()
             stats.sort_stats("tottime").print_stats(args.profile)

@@ -25,9 +25,10 @@ from sqlalchemy import func, select
 
 from mailrouter.cli import main
 from mailrouter.config import Settings, load
+from mailrouter.deliver.outbox import OutboxWorker
 from mailrouter.ingest.replay import accounts_for
-from mailrouter.outbox import OutboxWorker
 from mailrouter.pipeline import Accepted, Pipeline
+from mailrouter.runtime import Runtime
 from mailrouter.store.models import Message, Outbox, Transfer
 from mailrouter.views import interaction_detail, list_interactions
 
@@ -119,9 +120,9 @@ def make_settings(
 
 
 @contextmanager
-def pipeline(settings: Settings) -> Iterator[Pipeline]:
-    """An open pipeline on the settings' store, closed (engine disposed) afterwards."""
-    p = Pipeline.open(settings)
+def pipeline(settings: Settings) -> Iterator[Runtime]:
+    """An open runtime on the settings' store, closed (engine disposed) afterwards."""
+    p = Runtime.open(settings)
     try:
         yield p
     finally:
@@ -139,15 +140,15 @@ def scenario(name: str, file: str, **substitutions: str) -> bytes:
     return raw
 
 
-def accept(p: Pipeline, raw: bytes, *accounts: str, source: str = "test") -> Accepted:
+def accept(p: Runtime, raw: bytes, *accounts: str, source: str = "test") -> Accepted:
     """Accept ``raw`` for the named accounts (default: the configured ones among its To/Cc)."""
     chosen = (
         [p.settings.account(a) for a in accounts] if accounts else accounts_for(raw, p.settings)
     )
-    return p.accept(raw, chosen, source=source)
+    return Pipeline(p).accept(raw, chosen, source=source)
 
 
-def flush(p: Pipeline) -> int:
+def flush(p: Runtime) -> int:
     """Run the outbox worker once (deliveries, notices); returns the jobs attempted."""
     return asyncio.run(OutboxWorker(p).run_once())
 
@@ -206,7 +207,7 @@ def plain_body(raw: bytes) -> str:
 # --------------------------------------------------------------------------- store reads
 
 
-def detail(p: Pipeline, interaction_id: int) -> dict[str, Any]:
+def detail(p: Runtime, interaction_id: int) -> dict[str, Any]:
     """``mailrouter show --json`` for one interaction, through the same view code."""
     with p.db.read() as s:
         out = interaction_detail(s, interaction_id)
@@ -214,13 +215,13 @@ def detail(p: Pipeline, interaction_id: int) -> dict[str, Any]:
     return out
 
 
-def interactions(p: Pipeline, **filters: Any) -> list[dict[str, Any]]:
+def interactions(p: Runtime, **filters: Any) -> list[dict[str, Any]]:
     """``mailrouter interactions --json`` rows, through the same view code."""
     with p.db.read() as s:
         return list_interactions(s, p, **filters)
 
 
-def counts(p: Pipeline) -> dict[str, int]:
+def counts(p: Runtime) -> dict[str, int]:
     """Row counts of the tables a refused operation must leave alone."""
     with p.db.read() as s:
         return {

@@ -8,7 +8,7 @@ import pytest
 
 import mailrouter.pipeline
 from helpers import accept, flush, maildir_messages, make_settings, pipeline, run_cli, scenario
-from mailrouter.pipeline import NotHeld
+from mailrouter.pipeline import NotHeld, Pipeline
 from mailrouter.views import held_messages
 
 CHAIRS = "chairs-quote"
@@ -31,7 +31,7 @@ def test_message_held_by_a_routing_crash_is_delivered_when_released(
         assert (held.decision.action, held.decision.rule) == ("hold", "internal-error")
         monkeypatch.undo()
         assert held.message_pk is not None
-        released = p.release(held.message_pk)
+        released = Pipeline(p).release(held.message_pk)
         assert (released.decision.action, released.decision.rule) == ("deliver", "new-interaction")
         flush(p)
         with p.db.read() as s:
@@ -59,6 +59,6 @@ def test_release_refuses_a_message_that_is_not_held(tmp_path: Path) -> None:
         ok = accept(p, scenario(CHAIRS, "01-customer-asks.eml"))
         assert ok.message_pk is not None
         with pytest.raises(NotHeld):
-            p.release(ok.message_pk)
+            Pipeline(p).release(ok.message_pk)
     code, _out, err = run_cli(settings, "release", str(ok.message_pk))
     assert code == 1 and "not held" in err

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import mailrouter.outbox
+import mailrouter.deliver.outbox
 import mailrouter.pipeline
+import mailrouter.runtime
 from helpers import (
     NOTICE_PLACEHOLDER,
     SCENARIOS,
@@ -56,7 +57,7 @@ def trace(interaction_id: int, routed_from: str | None = None) -> bytes:
     return out.encode()
 
 
-def start_chairs(p: mailrouter.pipeline.Pipeline, *files: str) -> int:
+def start_chairs(p: mailrouter.runtime.Runtime, *files: str) -> int:
     """The customer's first two mails to sales@ (or the given ones), delivered; the id."""
     iid = None
     for f in files or ("01-customer-asks.eml", "02-customer-adds-detail.eml"):
@@ -332,7 +333,7 @@ def test_no_automatic_return(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     # A year later, after a restart: whatever runs on a clock has had every chance to act.
     later = datetime.now(UTC) + timedelta(days=365)
     monkeypatch.setattr(mailrouter.pipeline, "utcnow", lambda: later)
-    monkeypatch.setattr(mailrouter.outbox, "utcnow", lambda: later)
+    monkeypatch.setattr(mailrouter.deliver.outbox, "utcnow", lambda: later)
     with pipeline(settings) as p:
         assert flush(p) == 0
         r = accept(p, scenario(CHAIRS, "04-customer-replies-references-only.eml"))
@@ -496,7 +497,7 @@ def test_report_counts_interaction_under_current_account(tmp_path: Path) -> None
     start = datetime.now(UTC) - timedelta(days=1)
     end = start + timedelta(days=2)
 
-    def figures(p: mailrouter.pipeline.Pipeline) -> dict[str, dict[str, int]]:
+    def figures(p: mailrouter.runtime.Runtime) -> dict[str, dict[str, int]]:
         with p.db.read() as s:
             return {
                 row["account"]: {k: v for k, v in row.items() if k not in ("account", "address")}

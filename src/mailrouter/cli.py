@@ -14,7 +14,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,8 +25,7 @@ from mailrouter.log import setup_logging
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from mailrouter.pipeline import Pipeline
-    from mailrouter.store.models import Interaction
+    from mailrouter.runtime import Runtime
 
 __all__ = ["main"]
 T = TypeVar("T")
@@ -67,13 +66,13 @@ def _date(value: str) -> datetime:
     return d.replace(tzinfo=UTC) if d.tzinfo is None else d
 
 
-def _pipeline(settings: Settings) -> Pipeline:
-    from mailrouter.pipeline import Pipeline
+def _pipeline(settings: Settings) -> Runtime:
+    from mailrouter.runtime import Runtime
 
-    return Pipeline.open(settings)
+    return Runtime.open(settings)
 
 
-def _read(settings: Settings, query: Callable[[Session, Pipeline], T]) -> T:
+def _read(settings: Settings, query: Callable[[Session, Runtime], T]) -> T:
     """Open the store, run ``query`` in one read transaction, close the store."""
     p = _pipeline(settings)
     try:
@@ -90,13 +89,14 @@ def _account(settings: Settings, name: str) -> AccountSettings:
         raise CommandError(str(exc.args[0])) from None
 
 
-def _flush(p: Pipeline, args: argparse.Namespace) -> int:
+def _flush(p: Runtime, args: argparse.Namespace) -> int:
     """Deliver queued work now (the CLI's stand-in for the daemon's outbox worker)."""
     if getattr(args, "queue_only", False):
         return 0
-    from mailrouter.outbox import OutboxWorker
+    from mailrouter.deliver.outbox import OutboxWorker
 
-    return asyncio.run(OutboxWorker(p).run_once())
+    done: int = asyncio.run(OutboxWorker(p).run_once())
+    return done
 
 
 # ---------------------------------------------------------------------------- commands
@@ -154,6 +154,7 @@ def _decision_dict(origin: str, d: Any, interaction: int | None) -> dict[str, An
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     from mailrouter.ingest.replay import accounts_for, collect
+    from mailrouter.pipeline import Pipeline
 
     forced: list[AccountSettings] = []
     if args.account:
@@ -173,7 +174,7 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
                     f"{item.origin}: no configured account among its recipients; "
                     "give --account NAME or --rcpt ADDRESS"
                 )
-            r = p.accept(item.raw, accounts, source="cli", envelope_sender=args.sender)
+            r = Pipeline(p).accept(item.raw, accounts, source="cli", envelope_sender=args.sender)
             results.append(_decision_dict(item.origin, r.decision, r.interaction_id))
         delivered = _flush(p, args)
     finally:
@@ -197,7 +198,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from mailrouter.ingest.replay import accounts_for, collect, date_order
-    from mailrouter.pipeline import StoreUnavailable
+    from mailrouter.pipeline import Pipeline, StoreUnavailable
 
     forced = [_account(settings, args.account)] if args.account else []
     try:
@@ -205,6 +206,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise CommandError(str(exc)) from None
     p = _pipeline(settings)
+    pipeline = Pipeline(p)
     counts: Counter[str] = Counter()
     unroutable: list[str] = []
     failed: list[str] = []
@@ -224,11 +226,11 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                 if not accounts:
                     unroutable.append(item.origin)
                 elif scratch is not None:
-                    r = p.accept_in(scratch, item.raw, accounts, source="replay")
+                    r = pipeline.accept_in(scratch, item.raw, accounts, source="replay")
                     counts[r.decision.action] += 1
                 else:
                     try:
-                        r = p.accept(item.raw, accounts, source="replay")
+                        r = pipeline.accept(item.raw, accounts, source="replay")
                         counts[r.decision.action] += 1
                     except StoreUnavailable as exc:
                         failed.append(f"{item.origin}: {exc}")
@@ -270,9 +272,11 @@ def cmd_explain(settings: Settings, args: argparse.Namespace) -> int:
     accounts = [_account(settings, args.account)] if args.account else accounts_for(raw, settings)
     if not accounts:
         raise CommandError("no configured account among the recipients; give --account NAME")
+    from mailrouter.pipeline import Pipeline
+
     p = _pipeline(settings)
     try:
-        msg, d = p.explain(raw, accounts)
+        msg, d = Pipeline(p).explain(raw, accounts)
     finally:
         p.close()
     descriptions = {r.name: r.description for r in RULES}
@@ -412,43 +416,26 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _change_interaction(
-    settings: Settings, interaction_id: int, change: Callable[[Interaction], None]
-) -> None:
-    """Lock one interaction and apply ``change`` in a write transaction (or refuse: exit 1)."""
-    from mailrouter.store.queries import lock_interaction
+def cmd_pick(settings: Settings, args: argparse.Namespace) -> int:
+    from mailrouter.interactions import pick
 
     p = _pipeline(settings)
     try:
-        with p.db.write() as s:
-            i = lock_interaction(s, interaction_id)
-            if i is None:
-                raise CommandError(f"no interaction {interaction_id}")
-            change(i)
+        pick(p, args.id, args.agent, force=args.force)
     finally:
         p.close()
-
-
-def cmd_pick(settings: Settings, args: argparse.Namespace) -> int:
-    def pick(i: Interaction) -> None:
-        if i.assigned_agent and i.assigned_agent != args.agent and not args.force:
-            raise CommandError(
-                f"interaction {args.id} is already picked by {i.assigned_agent} "
-                "(use --force to take it over)"
-            )
-        i.assigned_agent = args.agent
-        i.unread = False
-
-    _change_interaction(settings, args.id, pick)
     print(f"interaction {args.id} picked by {args.agent}")
     return EXIT_OK
 
 
 def cmd_close(settings: Settings, args: argparse.Namespace) -> int:
-    def close(i: Interaction) -> None:
-        i.status = "closed"
+    from mailrouter.interactions import close
 
-    _change_interaction(settings, args.id, close)
+    p = _pipeline(settings)
+    try:
+        close(p, args.id)
+    finally:
+        p.close()
     print(f"interaction {args.id} closed")
     return EXIT_OK
 
@@ -505,9 +492,7 @@ def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
-    from sqlalchemy import update
-
-    from mailrouter.store.models import Outbox, utcnow
+    from mailrouter.deliver.queue import requeue
     from mailrouter.views import queue_rows
 
     p = _pipeline(settings)
@@ -517,20 +502,7 @@ def cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
             print(f"attempted {n} item(s)")
             return EXIT_OK
         if args.queue_command == "retry":
-            with p.db.write() as s:
-                res = s.execute(
-                    update(Outbox)
-                    .where(Outbox.id == args.id, Outbox.status == "failed")
-                    .values(
-                        status="pending",
-                        next_attempt_at=utcnow(),
-                        last_error=None,
-                        deadline=utcnow() + timedelta(seconds=settings.outbox.lifetime),
-                    )
-                )
-                changed = getattr(res, "rowcount", 0)
-            if not changed:
-                raise CommandError(f"no failed outbox item {args.id}")
+            requeue(p, args.id)
             n = _flush(p, args)
             print(f"item {args.id} requeued; attempted {n} item(s)")
             return EXIT_OK
@@ -570,14 +542,12 @@ def cmd_held(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_release(settings: Settings, args: argparse.Namespace) -> int:
-    from mailrouter.pipeline import NotHeld, StoreUnavailable
+    from mailrouter.pipeline import Pipeline, StoreUnavailable
 
     p = _pipeline(settings)
     try:
         try:
-            r = p.release(args.id)
-        except NotHeld as exc:
-            raise CommandError(str(exc)) from None
+            r = Pipeline(p).release(args.id)
         except StoreUnavailable as exc:
             raise CommandError(f"release failed, message still held: {exc}") from None
         _flush(p, args)
@@ -727,11 +697,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(
         args.log_format or settings.log_format, "DEBUG" if args.verbose else settings.log_level
     )
+    from mailrouter.errors import Refused
     from mailrouter.store.db import SchemaError
 
     try:
         return int(args.func(settings, args))
-    except CommandError as exc:
+    except (CommandError, Refused) as exc:
         print(f"mailrouter: {exc}", file=sys.stderr)
         return EXIT_FAIL
     except SchemaError as exc:

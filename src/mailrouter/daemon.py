@@ -17,11 +17,12 @@ import socket
 from collections.abc import Awaitable, Callable
 
 from mailrouter.config import Settings
+from mailrouter.deliver.outbox import OutboxWorker
 from mailrouter.ingest.smtp import Listener, start_listener
 from mailrouter.log import event
-from mailrouter.outbox import OutboxWorker
 from mailrouter.pipeline import Pipeline
 from mailrouter.retry import backoff, wait_unless_stopped
+from mailrouter.runtime import Runtime
 
 __all__ = ["Daemon", "StartupError", "run"]
 
@@ -47,6 +48,7 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.stop = asyncio.Event()
+        self.runtime: Runtime | None = None
         self.pipeline: Pipeline | None = None
         self.worker: OutboxWorker | None = None
         self.listeners: list[tuple[str, Listener]] = []
@@ -76,8 +78,9 @@ class Daemon:
         problems = check_templates(s)
         if problems:
             raise StartupError("notice templates: " + "; ".join(problems))
-        self.pipeline = await asyncio.to_thread(Pipeline.open, s)
-        self.worker = OutboxWorker(self.pipeline)
+        self.runtime = await asyncio.to_thread(Runtime.open, s)
+        self.pipeline = Pipeline(self.runtime)
+        self.worker = OutboxWorker(self.runtime)
         worker = self.worker
         self.tasks.append(
             asyncio.create_task(self.supervise("outbox", lambda: worker.run(self.stop)))
@@ -136,8 +139,8 @@ class Daemon:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.pipeline is not None:
-            await self.pipeline.aclose()
+        if self.runtime is not None:
+            await self.runtime.aclose()
         event(log, "stopped")
 
     async def serve(self) -> None:

@@ -12,50 +12,46 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from sqlalchemy import Connection, Insert, delete, insert, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from mailrouter.config import AccountSettings, Settings
+from mailrouter.config import AccountSettings
+from mailrouter.deliver.outbox import enqueue
+from mailrouter.errors import Refused
 from mailrouter.log import event
 from mailrouter.parse import ParsedMessage, format_id, parse
 from mailrouter.routing.decide import Decision, decide
-from mailrouter.store.db import Database, open_database
-from mailrouter.store.migrate import ensure_schema
+from mailrouter.runtime import Runtime
+from mailrouter.store.inserts import add_message, add_recipients, insert_interaction
 from mailrouter.store.models import (
     INTERACTIONS,
     MESSAGE_RECIPIENTS,
     MESSAGE_REFS,
     MESSAGES,
-    OUTBOX,
     Direction,
     Message,
     MessageRecipient,
     OutboxKind,
     utcnow,
 )
-from mailrouter.store.queries import AccountMap, StoreView, sync_accounts
-from mailrouter.store.writer import WriteBatcher
+from mailrouter.store.queries import StoreView
 
-__all__ = ["Accepted", "NotHeld", "Pipeline", "StoreUnavailable", "add_message", "enqueue"]
+__all__ = ["Accepted", "NotHeld", "Pipeline", "StoreUnavailable"]
 
 T = TypeVar("T")
 routing_log = logging.getLogger("mailrouter.routing")
 
-# Built once: statements for the per-message hot path (building costs more than running).
-_INSERT_MESSAGE = insert(MESSAGES)
-_INSERT_REF = insert(MESSAGE_REFS)
-_INSERT_RECIPIENT = insert(MESSAGE_RECIPIENTS)
-_INSERT_OUTBOX = insert(OUTBOX)
-_INSERT_INTERACTION = insert(INTERACTIONS)
 log = logging.getLogger("mailrouter.pipeline")
 
 
-class NotHeld(Exception):
+class NotHeld(Refused):
     """``release`` was asked for a message that is not held."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("not-held", message)
 
 
 class StoreUnavailable(Exception):
@@ -70,134 +66,14 @@ class Accepted:
     outbox_id: int | None = None
 
 
-def add_message(
-    session: Session,
-    msg: ParsedMessage,
-    *,
-    direction: Direction,
-    account_id: int,
-    interaction_id: int | None,
-    source: str,
-    recipients: Sequence[int] = (),
-    routed_to: int | None = None,
-    decision: Decision | None = None,
-) -> int:
-    """Insert a message with its id references and recipient accounts; returns its key.
-
-    Core inserts, not ORM objects: this runs once per message on the ingest hot path,
-    where the unit of work's bookkeeping cost several times the SQL itself.
-    """
-    held = decision is not None and decision.action == "hold"
-    conn = session.connection()
-    pk = _new_id(
-        conn,
-        _INSERT_MESSAGE,
-        dict(
-            interaction_id=interaction_id,
-            direction=direction.value,
-            account_id=account_id,
-            routed_to_account_id=routed_to,
-            message_id=msg.message_id,
-            synthetic_id=msg.synthetic_id,
-            in_reply_to=" ".join(format_id(i) for i in msg.in_reply_to) or None,
-            references=" ".join(format_id(i) for i in msg.references) or None,
-            from_addr=msg.from_display or None,
-            reply_to=msg.reply_to_email or None,
-            to_addrs=", ".join(msg.recipients) or None,
-            subject=msg.subject or None,
-            date=msg.date,
-            size=len(msg.raw),
-            content_hash=msg.content_hash,
-            raw=msg.raw,
-            automatic=msg.automatic,
-            status="held" if held else "stored",
-            hold_reason=decision.reason if held and decision is not None else None,
-            rule=decision.rule if decision else None,
-            action=decision.action if decision else None,
-            source=source,
-            received_at=utcnow(),
-        ),
-    )
-    refs = [{"message_pk": pk, "position": n, "ref_id": r} for n, r in enumerate(msg.parents)]
-    if refs:
-        conn.execute(_INSERT_REF, refs)
-    rcpts = [{"message_pk": pk, "account_id": a} for a in dict.fromkeys(recipients)]
-    if rcpts:
-        conn.execute(_INSERT_RECIPIENT, rcpts)
-    return pk
-
-
-def _new_id(conn: Connection, stmt: Insert, params: dict[str, Any]) -> int:
-    """The primary key the insert created (lastrowid on SQLite, RETURNING elsewhere)."""
-    key = conn.execute(stmt, params).inserted_primary_key
-    assert key is not None
-    return int(key[0])
-
-
-def enqueue(
-    session: Session,
-    settings: Settings,
-    *,
-    kind: OutboxKind,
-    account_id: int,
-    interaction_id: int | None,
-    message_pk: int | None,
-    payload: bytes = b"",
-    envelope_from: str = "",
-    envelope_to: Sequence[str] = (),
-) -> int:
-    """Write work for the outbox worker in the caller's transaction (the outbox pattern)."""
-    now = utcnow()
-    return _new_id(
-        session.connection(),
-        _INSERT_OUTBOX,
-        dict(
-            kind=kind.value,
-            account_id=account_id,
-            interaction_id=interaction_id,
-            message_pk=message_pk,
-            payload=payload,
-            envelope_from=envelope_from,
-            envelope_to=",".join(envelope_to),
-            status="pending",
-            attempts=0,
-            created_at=now,
-            next_attempt_at=now,
-            deadline=now + timedelta(seconds=settings.outbox.lifetime),
-        ),
-    )
-
-
 class Pipeline:
-    """Settings, the database and the account map: what every stage needs, built once."""
+    """Accept, explain and release inbound mail on one :class:`~mailrouter.runtime.Runtime`."""
 
-    def __init__(self, settings: Settings, db: Database, accounts: AccountMap) -> None:
-        self.settings = settings
-        self.db = db
-        self.accounts = accounts
-        self.writes = WriteBatcher(db)
-
-    @classmethod
-    def open(cls, settings: Settings, *, upgrade: bool | None = None) -> Pipeline:
-        """Open the store, check (or upgrade) its schema and mirror the configured accounts."""
-        db = open_database(settings.database_url)
-        try:
-            ensure_schema(db, settings.auto_upgrade if upgrade is None else upgrade)
-            with db.write() as session:
-                accounts = sync_accounts(session, settings)
-        except BaseException:
-            db.dispose()
-            raise
-        return cls(settings, db, accounts)
-
-    def close(self) -> None:
-        self.writes.shutdown()
-        self.db.dispose()
-
-    async def aclose(self) -> None:
-        """Close from inside the event loop that used :attr:`writes`."""
-        await self.writes.aclose()
-        await asyncio.to_thread(self.db.dispose)
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.settings = rt.settings
+        self.db = rt.db
+        self.accounts = rt.accounts
 
     # ------------------------------------------------------------------ recipients
 
@@ -262,7 +138,7 @@ class Pipeline:
         msg, receiving = await asyncio.to_thread(self._prepare, raw, accounts, envelope_sender)
         for attempt in (1, 2):
             try:
-                result = await self.writes.submit(
+                result = await self.rt.writes.submit(
                     lambda s: self._accept_in(s, msg, receiving, source, in_mailbox_of)
                 )
                 break
@@ -350,9 +226,7 @@ class Pipeline:
             assert d.existing_pk is not None
             have = view.existing(msg.message_id, msg.content_hash)
             known = {self.accounts.id(n) for n in (have[1] if have else set())}
-            extra = [{"message_pk": d.existing_pk, "account_id": a} for a in ids if a not in known]
-            if extra:
-                session.connection().execute(_INSERT_RECIPIENT, extra)
+            add_recipients(session, d.existing_pk, [a for a in ids if a not in known])
             return Accepted(d, d.existing_pk, d.interaction_id)
         if d.action == "hold":
             return self._store_held(session, msg, ids, source, d)
@@ -361,21 +235,13 @@ class Pipeline:
         owner_id = self.accounts.id(d.owner)
         now = utcnow()
         if d.interaction_id is None:
-            iid = _new_id(
-                session.connection(),
-                _INSERT_INTERACTION,
-                dict(
-                    created_at=now,
-                    account_id=owner_id,
-                    origin_account_id=owner_id,
-                    status="open",
-                    unread=True,
-                    distribution="queue",
-                    customer_address=msg.reply_to_email or msg.from_email or None,
-                    customer_name=msg.from_name or None,
-                    subject=msg.subject or None,
-                    last_activity_at=now,
-                ),
+            iid = insert_interaction(
+                session,
+                account_id=owner_id,
+                customer_address=msg.reply_to_email or msg.from_email or None,
+                customer_name=msg.from_name or None,
+                subject=msg.subject or None,
+                now=now,
             )
         else:
             iid = d.interaction_id
@@ -390,7 +256,8 @@ class Pipeline:
             # Routed only when the owner was not among the recipients: a Cc to the old and
             # the new address reached the owner directly.
             routed_to=owner_id if d.action == "route" else None,
-            decision=d,
+            rule=d.rule,
+            action=d.action,
         )
         # New customer mail makes the conversation unread again (and reopens a closed one),
         # but never changes its owner: only a transfer does (no automatic return).
@@ -444,7 +311,9 @@ class Pipeline:
             interaction_id=None,
             source=source,
             recipients=ids,
-            decision=d,
+            rule=d.rule,
+            action=d.action,
+            hold_reason=d.reason or d.rule,
         )
         return Accepted(d, pk, None)
 

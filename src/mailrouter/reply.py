@@ -12,10 +12,13 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
+from mailrouter.deliver.outbox import enqueue
+from mailrouter.errors import Refused
 from mailrouter.log import event
 from mailrouter.notify import compose_reply
 from mailrouter.parse import format_id, parse
-from mailrouter.pipeline import Pipeline, add_message, enqueue
+from mailrouter.runtime import Runtime
+from mailrouter.store.inserts import add_message
 from mailrouter.store.models import Direction, Message, OutboxKind, utcnow
 from mailrouter.store.queries import lock_interaction
 
@@ -24,7 +27,7 @@ __all__ = ["ReplyRefused", "ReplyResult", "reply"]
 log = logging.getLogger("mailrouter.reply")
 
 
-class ReplyRefused(Exception):
+class ReplyRefused(Refused):
     """The reply cannot be sent; nothing was changed."""
 
 
@@ -37,24 +40,30 @@ class ReplyResult:
     outbox_id: int
 
 
-def reply(p: Pipeline, interaction_id: int, body: str, *, agent: str | None = None) -> ReplyResult:
+def reply(rt: Runtime, interaction_id: int, body: str, *, agent: str | None = None) -> ReplyResult:
+    """Compose and queue an agent's reply to the interaction's customer, in one transaction."""
     if not body.strip():
-        raise ReplyRefused("the reply body is empty")
-    with p.db.write() as s:
+        raise ReplyRefused("empty-body", "the reply body is empty")
+    with rt.db.write() as s:
         i = lock_interaction(s, interaction_id)
         if i is None:
-            raise ReplyRefused(f"no interaction {interaction_id}")
+            raise ReplyRefused("not-found", f"no interaction {interaction_id}")
         if i.last_customer_message_pk is None:
-            raise ReplyRefused(f"interaction {interaction_id} has no customer message to answer")
+            raise ReplyRefused(
+                "no-customer-message",
+                f"interaction {interaction_id} has no customer message to answer",
+            )
         raw = s.scalar(select(Message.raw).where(Message.id == i.last_customer_message_pk))
         assert raw is not None
         customer = parse(raw)
         if not (customer.reply_to_email or customer.from_email):
-            raise ReplyRefused("the customer's last message has no usable From or Reply-To")
-        account = p.settings.account(p.accounts.name(i.account_id))
+            raise ReplyRefused(
+                "no-customer-address", "the customer's last message has no usable From or Reply-To"
+            )
+        account = rt.account_of(i.account_id)
         try:
             composed = compose_reply(
-                p.settings,
+                rt.settings,
                 account=account,
                 customer=customer,
                 body_text=body,
@@ -62,7 +71,7 @@ def reply(p: Pipeline, interaction_id: int, body: str, *, agent: str | None = No
                 agent=agent,
             )
         except ValueError as exc:
-            raise ReplyRefused(str(exc)) from None
+            raise ReplyRefused("bad-reply", str(exc)) from None
         message_pk = add_message(
             s,
             parse(composed.raw),
@@ -73,7 +82,7 @@ def reply(p: Pipeline, interaction_id: int, body: str, *, agent: str | None = No
         )
         outbox_pk = enqueue(
             s,
-            p.settings,
+            rt.settings,
             kind=OutboxKind.REPLY,
             account_id=i.account_id,
             interaction_id=i.id,

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from mailrouter.pipeline import Pipeline
+from mailrouter.runtime import Runtime
 from mailrouter.store.models import Interaction, Message, Transfer
 
 __all__ = ["report"]
@@ -22,11 +22,15 @@ __all__ = ["report"]
 FIELDS = ("interactions", "inbound", "outbound", "transfers_in", "transfers_out")
 
 
-def report(s: Session, p: Pipeline, start: datetime, end: datetime) -> list[dict[str, Any]]:
+def report(s: Session, rt: Runtime, start: datetime, end: datetime) -> list[dict[str, Any]]:
     """Rows per configured account for ``start <= t < end``."""
     rows: dict[int, dict[str, Any]] = {
-        p.accounts.id(a.name): {"account": a.name, "address": a.address, **dict.fromkeys(FIELDS, 0)}
-        for a in p.settings.accounts
+        rt.accounts.id(a.name): {
+            "account": a.name,
+            "address": a.address,
+            **dict.fromkeys(FIELDS, 0),
+        }
+        for a in rt.settings.accounts
     }
 
     def add(field: str, query: Any) -> None:

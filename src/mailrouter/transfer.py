@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from mailrouter.config import AccountSettings
+from mailrouter.deliver.outbox import enqueue
+from mailrouter.errors import Refused
 from mailrouter.log import event
 from mailrouter.notify import TemplateError, compose_notice, suppression_reason
 from mailrouter.parse import ParsedMessage, format_id, parse
-from mailrouter.pipeline import Pipeline, add_message, enqueue
+from mailrouter.runtime import Runtime
+from mailrouter.store.inserts import add_message
 from mailrouter.store.models import Direction, Message, OutboxKind, Transfer, utcnow
 from mailrouter.store.queries import lock_interaction
 
@@ -26,7 +29,7 @@ __all__ = ["TransferRefused", "TransferResult", "transfer"]
 log = logging.getLogger("mailrouter.transfer")
 
 
-class TransferRefused(Exception):
+class TransferRefused(Refused):
     """The transfer is not allowed; nothing was changed."""
 
 
@@ -42,42 +45,45 @@ class TransferResult:
     outbox_id: int | None
 
 
-def _account(p: Pipeline, name: str) -> AccountSettings:
+def _account(rt: Runtime, name: str) -> AccountSettings:
     try:
-        return p.settings.account(name)
+        return rt.settings.account(name)
     except KeyError as exc:
-        raise TransferRefused(str(exc.args[0])) from None
+        raise TransferRefused("unknown-account", str(exc.args[0])) from None
 
 
 def transfer(
-    p: Pipeline, interaction_id: int, to: str, *, actor: str | None = None
+    rt: Runtime, interaction_id: int, to: str, *, actor: str | None = None
 ) -> TransferResult:
     """Move interaction ``interaction_id`` to account ``to`` (name or address)."""
-    target = _account(p, to)
-    with p.db.write() as s:
+    target = _account(rt, to)
+    with rt.db.write() as s:
         interaction = lock_interaction(s, interaction_id)
         if interaction is None:
-            raise TransferRefused(f"no interaction {interaction_id}")
-        source = p.settings.account(p.accounts.name(interaction.account_id))
+            raise TransferRefused("not-found", f"no interaction {interaction_id}")
+        source = rt.account_of(interaction.account_id)
         if interaction.status == "closed":
-            raise TransferRefused(f"interaction {interaction_id} is closed")
+            raise TransferRefused("closed", f"interaction {interaction_id} is closed")
         if source.name == target.name:
-            raise TransferRefused(f"interaction {interaction_id} already belongs to {target.name}")
+            raise TransferRefused(
+                "same-account", f"interaction {interaction_id} already belongs to {target.name}"
+            )
         if not source.transfer.enabled:
             raise TransferRefused(
+                "transfer-not-enabled",
                 f"transfer out of account {source.name} is not enabled "
-                f"(set accounts.{source.name}.transfer.enabled = true)"
+                f"(set accounts.{source.name}.transfer.enabled = true)",
             )
         now = utcnow()
-        interaction.account_id = p.accounts.id(target.name)
+        interaction.account_id = rt.accounts.id(target.name)
         interaction.unread = True
         interaction.distribution = "manual"
         interaction.assigned_agent = None
         interaction.last_activity_at = now
         record = Transfer(
             interaction_id=interaction.id,
-            from_account_id=p.accounts.id(source.name),
-            to_account_id=p.accounts.id(target.name),
+            from_account_id=rt.accounts.id(source.name),
+            to_account_id=rt.accounts.id(target.name),
             actor=actor,
             at=now,
             notification="off",
@@ -103,7 +109,7 @@ def transfer(
                 assert customer is not None
                 try:
                     notice = compose_notice(
-                        p.settings,
+                        rt.settings,
                         template=source.transfer.template,
                         from_account=source,
                         to_account=target,
@@ -117,22 +123,22 @@ def transfer(
                     # template refuses the transfer (the transaction rolls back) rather than
                     # move the conversation silently.
                     raise TransferRefused(
-                        f"notice template of account {source.name} failed: {exc}"
+                        "template-failed", f"notice template of account {source.name} failed: {exc}"
                     ) from exc
                 out_msg = parse(notice.raw)
                 message_pk = add_message(
                     s,
                     out_msg,
                     direction=Direction.OUTBOUND,
-                    account_id=p.accounts.id(target.name),
+                    account_id=rt.accounts.id(target.name),
                     interaction_id=interaction.id,
                     source="transfer-notice",
                 )
                 outbox_pk = enqueue(
                     s,
-                    p.settings,
+                    rt.settings,
                     kind=OutboxKind.NOTIFY,
-                    account_id=p.accounts.id(target.name),
+                    account_id=rt.accounts.id(target.name),
                     interaction_id=interaction.id,
                     message_pk=message_pk,
                     payload=notice.raw,

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailrouter.parse import format_id
-from mailrouter.pipeline import Pipeline
+from mailrouter.runtime import Runtime
 from mailrouter.store.models import Interaction, Message, Outbox, Transfer
 
 __all__ = [
@@ -109,7 +109,7 @@ def outbox_dict(o: Outbox) -> dict[str, Any]:
 
 def list_interactions(
     s: Session,
-    p: Pipeline,
+    rt: Runtime,
     *,
     account: str | None = None,
     unread: bool = False,
@@ -118,7 +118,7 @@ def list_interactions(
 ) -> list[dict[str, Any]]:
     q = select(Interaction).order_by(Interaction.last_activity_at.desc(), Interaction.id.desc())
     if account is not None:
-        q = q.where(Interaction.account_id == p.accounts.id(p.settings.account(account).name))
+        q = q.where(Interaction.account_id == rt.accounts.id(rt.settings.account(account).name))
     if unread:
         q = q.where(Interaction.unread.is_(True))
     if status is not None:

@@ -131,7 +131,7 @@ async def test_transfer_then_reply_to_old_address_reaches_new_account_over_the_w
     await eventually(lambda: len(dovecot_clean.fetch_all("sales@example.test")) == 1)
 
     assert daemon.pipeline is not None and daemon.worker is not None
-    result = await asyncio.to_thread(transfer, daemon.pipeline, 1, "support", actor="bob")
+    result = await asyncio.to_thread(transfer, daemon.pipeline.rt, 1, "support", actor="bob")
     assert result.notification == "queued"
     daemon.worker.wake()
     await eventually(lambda: len(capture_smarthost.messages) == 1)
@@ -189,7 +189,7 @@ async def test_agent_reply_command_sends_from_current_account_threaded(
     s = daemon.settings
     await asyncio.to_thread(send, s.smtp.port, FIRST)
     assert daemon.pipeline is not None
-    await asyncio.to_thread(transfer, daemon.pipeline, 1, "support", actor="bob")
+    await asyncio.to_thread(transfer, daemon.pipeline.rt, 1, "support", actor="bob")
     body = tmp_path / "reply.txt"
     body.write_text("We are sending a replacement hinge today.\n")
     rc = await asyncio.to_thread(

@@ -21,9 +21,10 @@ from sqlalchemy import func, select
 from mailrouter.config import Settings, load_from_text
 from mailrouter.daemon import Daemon
 from mailrouter.deliver.lmtp import lmtp_deliver
+from mailrouter.deliver.outbox import OutboxWorker
 from mailrouter.ingest.imap import ImapWatcher
-from mailrouter.outbox import OutboxWorker
 from mailrouter.pipeline import Pipeline, StoreUnavailable
+from mailrouter.runtime import Runtime
 from mailrouter.store.models import ImapState, Interaction, Message
 from mailrouter.transfer import transfer
 from servers import Dovecot
@@ -99,7 +100,7 @@ class Stage:
     def __init__(self, pipeline: Pipeline, watcher_class: type[ImapWatcher] = ImapWatcher):
         self.p = pipeline
         self.stop = asyncio.Event()
-        self.worker = OutboxWorker(pipeline)
+        self.worker = OutboxWorker(pipeline.rt)
         self.watchers = {
             a.name: watcher_class(pipeline, a, on_accepted=self.worker.wake)
             for a in pipeline.settings.accounts
@@ -123,6 +124,10 @@ class Stage:
             t.result()  # a crashed stage fails the test
 
 
+def open_pipeline(settings: Settings) -> Pipeline:
+    return Pipeline(Runtime.open(settings))
+
+
 @asynccontextmanager
 async def running(
     settings: Settings,
@@ -130,7 +135,7 @@ async def running(
     watcher_class: type[ImapWatcher] = ImapWatcher,
 ) -> AsyncIterator[Stage]:
     own = pipeline is None
-    p = pipeline or await asyncio.to_thread(Pipeline.open, settings)
+    p = pipeline or await asyncio.to_thread(open_pipeline, settings)
     stage = Stage(p, watcher_class)
     stage.start()
     try:
@@ -140,7 +145,7 @@ async def running(
             await stage.shutdown()
         finally:
             if own:
-                p.close()
+                p.rt.close()
 
 
 async def eventually(predicate: Callable[[], Any], within: float = 5.0, what: str = "") -> None:
@@ -216,7 +221,7 @@ async def ingest_question_and_transfer(dovecot: Dovecot, stage: Stage) -> int:
     await eventually(lambda: interaction_of(p, "chairs-1@customer.test"), what="question ingested")
     iid = interaction_of(p, "chairs-1@customer.test")
     assert iid is not None
-    await asyncio.to_thread(transfer, p, iid, "support", actor="agent.anna")
+    await asyncio.to_thread(transfer, p.rt, iid, "support", actor="agent.anna")
     return iid
 
 
@@ -244,7 +249,7 @@ async def test_reply_to_old_mailbox_is_moved_to_routed_and_appended_to_new_owner
         assert "\\Seen" not in flags(dovecot, SALES)[0]
         assert "Routed" not in dovecot.mailboxes(SALES)
 
-        await asyncio.to_thread(transfer, p, iid, "support", actor="agent.anna")
+        await asyncio.to_thread(transfer, p.rt, iid, "support", actor="agent.anna")
         loop = asyncio.get_running_loop()
         sent = loop.time()
         await lmtp(dovecot, SALES, REPLY)
@@ -407,7 +412,7 @@ async def test_message_committed_before_a_crash_is_moved_when_read_again(
     """A crash between commit and MOVE: on restart the duplicate is recognised and still
     leaves the old mailbox, and the interaction gets no second message."""
     dovecot = dovecot_clean
-    p = await asyncio.to_thread(Pipeline.open, settings)
+    p = await asyncio.to_thread(open_pipeline, settings)
     try:
         sales = settings.account("sales")
         await lmtp(dovecot, SALES, QUESTION)
@@ -415,7 +420,7 @@ async def test_message_committed_before_a_crash_is_moved_when_read_again(
             p.accept, QUESTION, [sales], source="imap", in_mailbox_of="sales"
         )
         assert first.interaction_id is not None
-        await asyncio.to_thread(transfer, p, first.interaction_id, "support")
+        await asyncio.to_thread(transfer, p.rt, first.interaction_id, "support")
         await lmtp(dovecot, SALES, REPLY)
         # What the watcher had done when it "crashed": committed, not moved, mark not saved.
         routed = await asyncio.to_thread(
@@ -443,7 +448,7 @@ async def test_message_committed_before_a_crash_is_moved_when_read_again(
             )
         assert owner == p.accounts.id("support")
     finally:
-        p.close()
+        p.rt.close()
 
 
 class _NoIdleWatcher(ImapWatcher):

@@ -334,15 +334,16 @@ def test_run_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
 def test_count_helper_matches_orm(tmp_path: Path) -> None:
     """The raw-SQLite counter used above agrees with the ORM (guards the helper itself)."""
     from mailrouter.pipeline import Pipeline
+    from mailrouter.runtime import Runtime
 
     settings = make_settings(tmp_path)
-    p = Pipeline.open(settings)
+    p = Pipeline(Runtime.open(settings))
     try:
         p.accept(MESSAGE, [settings.account("sales")], source="test")
         with p.db.read() as s:
             assert s.scalar(select(func.count()).select_from(Message)) == _stored(settings) == 1
     finally:
-        p.close()
+        p.rt.close()
 
 
 async def test_connections_over_the_cap_get_421_and_a_freed_slot_is_reused(

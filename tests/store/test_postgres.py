@@ -11,8 +11,9 @@ from sqlalchemy import create_engine, func, select, text
 
 from helpers import ADDRESSES, maildir_messages, make_settings, scenario
 from mailrouter.config import Settings
-from mailrouter.outbox import OutboxWorker
+from mailrouter.deliver.outbox import OutboxWorker
 from mailrouter.pipeline import Pipeline
+from mailrouter.runtime import Runtime
 from mailrouter.store.models import Message, Outbox
 from mailrouter.transfer import transfer
 
@@ -33,14 +34,14 @@ def pg_settings(tmp_path: Path, postgres_url: str) -> Iterator[Settings]:
 
 def test_postgres_store_runs_transfer_and_old_address_routing(pg_settings: Settings) -> None:
     """On PostgreSQL too: transfer, then a reply to the old address reaches the new owner."""
-    p = Pipeline.open(pg_settings)
+    p = Pipeline(Runtime.open(pg_settings))
     try:
         assert p.db.engine.dialect.name == "postgresql"
         first = p.accept(
             scenario(CHAIRS, "01-customer-asks.eml"), [pg_settings.account("sales")], source="test"
         )
         assert first.interaction_id is not None
-        transfer(p, first.interaction_id, "support", actor="bob")
+        transfer(p.rt, first.interaction_id, "support", actor="bob")
         reply = p.accept(
             scenario(CHAIRS, "03-customer-replies-to-sales.eml"),
             [pg_settings.account("sales")],
@@ -49,9 +50,9 @@ def test_postgres_store_runs_transfer_and_old_address_routing(pg_settings: Setti
         assert (reply.decision.action, reply.interaction_id) == ("route", first.interaction_id)
         import asyncio
 
-        asyncio.run(OutboxWorker(p).run_once())
+        asyncio.run(OutboxWorker(p.rt).run_once())
     finally:
-        p.close()
+        p.rt.close()
     support = maildir_messages(pg_settings, "support")
     assert len(support) == 1
     assert f"X-Mailrouter-Routed-From: {ADDRESSES['sales']}".encode() in support[0]
@@ -59,7 +60,7 @@ def test_postgres_store_runs_transfer_and_old_address_routing(pg_settings: Setti
 
 def test_two_instances_never_claim_the_same_outbox_row(pg_settings: Settings) -> None:
     """FOR UPDATE SKIP LOCKED: concurrent claimers on separate engines split the work."""
-    setup = Pipeline.open(pg_settings)
+    setup = Pipeline(Runtime.open(pg_settings))
     try:
         for n in range(60):
             raw = (
@@ -68,14 +69,14 @@ def test_two_instances_never_claim_the_same_outbox_row(pg_settings: Settings) ->
             ).encode()
             setup.accept(raw, [pg_settings.account("sales")], source="test", in_mailbox_of=None)
     finally:
-        setup.close()
+        setup.rt.close()
 
-    instances = [Pipeline.open(pg_settings) for _ in range(4)]
+    instances = [Pipeline(Runtime.open(pg_settings)) for _ in range(4)]
     claimed: list[list[int]] = [[] for _ in instances]
     start = threading.Barrier(len(instances))
 
     def claimer(i: int) -> None:
-        worker = OutboxWorker(instances[i])
+        worker = OutboxWorker(instances[i].rt)
         start.wait(timeout=30)
         for _ in range(50):  # bounded
             jobs = worker.claim(5)
@@ -89,7 +90,7 @@ def test_two_instances_never_claim_the_same_outbox_row(pg_settings: Settings) ->
     for t in threads:
         t.join(timeout=60)
     for p in instances:
-        p.close()
+        p.rt.close()
     everything = [jid for ids in claimed for jid in ids]
     assert len(everything) == 60 and len(set(everything)) == 60
     assert sum(1 for ids in claimed if ids) >= 2  # the work really was shared
@@ -98,7 +99,7 @@ def test_two_instances_never_claim_the_same_outbox_row(pg_settings: Settings) ->
 def test_same_message_from_two_instances_at_once_is_stored_once(pg_settings: Settings) -> None:
     """Two instances ingesting one message concurrently: one row, the other sees a duplicate."""
     raw = scenario(CHAIRS, "01-customer-asks.eml")
-    instances = [Pipeline.open(pg_settings) for _ in range(2)]
+    instances = [Pipeline(Runtime.open(pg_settings)) for _ in range(2)]
     start = threading.Barrier(2)
     actions: list[str] = []
 
@@ -117,5 +118,5 @@ def test_same_message_from_two_instances_at_once_is_stored_once(pg_settings: Set
             assert s.scalar(select(func.count()).select_from(Outbox)) == 1
     finally:
         for p in instances:
-            p.close()
+            p.rt.close()
     assert sorted(actions) == ["deliver", "duplicate"]

@@ -30,6 +30,7 @@ from mailrouter.config import load
 from mailrouter.ingest.replay import Recorded, date_order, split_mbox
 from mailrouter.parse import parse
 from mailrouter.pipeline import Pipeline
+from mailrouter.runtime import Runtime
 from mailrouter.store.models import Message
 
 pytestmark = pytest.mark.corpora
@@ -216,7 +217,7 @@ def open_pipeline(tmp_path: Path) -> Pipeline:
         f'state_dir = "{tmp_path}"\n[accounts.sales]\naddress = "sales@example.test"\n',
         encoding="utf-8",
     )
-    return Pipeline.open(load(config, env={}))
+    return Pipeline(Runtime.open(load(config, env={})))
 
 
 def our_grouping(tmp_path: Path, msgs: list[bytes], order: str) -> Grouping:
@@ -234,7 +235,7 @@ def our_grouping(tmp_path: Path, msgs: list[bytes], order: str) -> Grouping:
         with p.db.read() as s:
             interaction_of = dict(s.execute(select(Message.id, Message.interaction_id)).all())
     finally:
-        p.close()
+        p.rt.close()
     by_key: dict[object, set[int]] = {}
     for n, pk in pk_of.items():
         assert pk is not None, f"message {n} was not stored"

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from mailrouter.config import load
 from mailrouter.parse import parse
 from mailrouter.pipeline import Accepted, Pipeline
+from mailrouter.runtime import Runtime
 from mailrouter.store.models import Interaction
 from mailrouter.threads import RULES
 from mailrouter.threads.resolve import resolve
@@ -32,9 +33,9 @@ def pipeline(tmp_path: Path) -> Iterator[Pipeline]:
         f'[accounts.support]\naddress = "{SUPPORT}"\n',
         encoding="utf-8",
     )
-    p = Pipeline.open(load(config, env={}))
+    p = Pipeline(Runtime.open(load(config, env={})))
     yield p
-    p.close()
+    p.rt.close()
 
 
 def mail(

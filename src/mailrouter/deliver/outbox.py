@@ -1,4 +1,5 @@
-"""The durable outbox worker: delivers routed mail and sends notices and replies, with retries.
+"""The durable outbox: :func:`enqueue` writes delivery work in the caller's transaction, and
+the worker delivers routed mail and sends notices and replies, with retries.
 
 Rows are written in the same transaction as the change that causes them (pipeline,
 transfer, reply).  The worker claims due rows with a lease (so a crashed worker's rows
@@ -13,21 +14,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from mailrouter.config import Settings
 from mailrouter.deliver.errors import DeliveryError
 from mailrouter.deliver.mailbox import deliver_to_account, send_outbound, with_trace_headers
 from mailrouter.log import event
 from mailrouter.parse import format_id
-from mailrouter.pipeline import Pipeline
 from mailrouter.retry import backoff, wait_first
+from mailrouter.runtime import Runtime
+from mailrouter.store.inserts import insert_outbox
 from mailrouter.store.models import Message, Outbox, OutboxKind, OutboxStatus, utcnow
 
-__all__ = ["Job", "OutboxWorker", "backoff"]
+__all__ = ["Job", "OutboxWorker", "enqueue"]
 
 log = logging.getLogger("mailrouter.outbox")
 
@@ -50,10 +54,41 @@ class Job:
     key: str
 
 
+def enqueue(
+    session: Session,
+    settings: Settings,
+    *,
+    kind: OutboxKind,
+    account_id: int,
+    interaction_id: int | None,
+    message_pk: int | None,
+    payload: bytes = b"",
+    envelope_from: str = "",
+    envelope_to: Sequence[str] = (),
+) -> int:
+    """Write work for the outbox worker in the caller's transaction (the outbox pattern)."""
+    now = utcnow()
+    return insert_outbox(
+        session,
+        kind=kind.value,
+        account_id=account_id,
+        interaction_id=interaction_id,
+        message_pk=message_pk,
+        payload=payload,
+        envelope_from=envelope_from,
+        envelope_to=",".join(envelope_to),
+        status="pending",
+        attempts=0,
+        created_at=now,
+        next_attempt_at=now,
+        deadline=now + timedelta(seconds=settings.outbox.lifetime),
+    )
+
+
 class OutboxWorker:
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.p = pipeline
-        self.settings = pipeline.settings
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.settings = rt.settings
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -63,7 +98,7 @@ class OutboxWorker:
     # ------------------------------------------------------------------ store side (sync)
 
     def claim(self, limit: int) -> list[Job]:
-        with self.p.db.write() as s:
+        with self.rt.db.write() as s:
             return self._claim_in(s, limit)
 
     def _claim_in(self, s: Session, limit: int) -> list[Job]:
@@ -109,15 +144,13 @@ class OutboxWorker:
             if ob.kind == OutboxKind.DELIVER.value and msg is not None:
                 routed_from = None
                 if msg.routed_to_account_id is not None:
-                    routed_from = self.p.settings.account(
-                        self.p.accounts.name(msg.account_id)
-                    ).address
+                    routed_from = self.rt.account_of(msg.account_id).address
                 payload = with_trace_headers(msg.raw, ob.interaction_id, routed_from)
             jobs.append(
                 Job(
                     id=ob.id,
                     kind=ob.kind,
-                    account=self.p.accounts.name(ob.account_id),
+                    account=self.rt.accounts.name(ob.account_id),
                     interaction_id=ob.interaction_id,
                     payload=payload,
                     message_id=message_id,
@@ -131,7 +164,7 @@ class OutboxWorker:
         return jobs
 
     def finish(self, job: Job, error: DeliveryError | None) -> str:
-        with self.p.db.write() as s:
+        with self.rt.db.write() as s:
             return self._finish_in(s, job, error)
 
     def _finish_in(self, s: Session, job: Job, error: DeliveryError | None) -> str:
@@ -191,7 +224,7 @@ class OutboxWorker:
         except Exception as exc:
             log.exception("outbox job %s crashed", job.id)
             error = DeliveryError(f"internal error: {type(exc).__name__}: {exc}")
-        status: str = await self.p.writes.submit(lambda s: self._finish_in(s, job, error))
+        status: str = await self.rt.writes.submit(lambda s: self._finish_in(s, job, error))
         acc = self.settings.account(job.account)
         event(
             log,
@@ -211,7 +244,7 @@ class OutboxWorker:
 
     async def _round(self, stop: asyncio.Event | None = None) -> int:
         """Claim one batch and attempt it, a few deliveries at a time; returns the count."""
-        jobs = await self.p.writes.submit(lambda s: self._claim_in(s, self.settings.outbox.batch))
+        jobs = await self.rt.writes.submit(lambda s: self._claim_in(s, self.settings.outbox.batch))
         if not jobs:
             return 0
         # Mailboxes (and the smarthost queue per sending account) are worked on in
@@ -235,7 +268,7 @@ class OutboxWorker:
 
         await asyncio.gather(*(lane(q) for q in lanes.values()))
         if skipped:
-            await self.p.writes.submit(lambda s: self._release_in(s, skipped))
+            await self.rt.writes.submit(lambda s: self._release_in(s, skipped))
         return len(jobs) - len(skipped)
 
     async def run_once(self, max_rounds: int = 1000) -> int:

@@ -1,0 +1,137 @@
+"""Row inserts on the hot path: messages with their id references and recipients, new
+interactions, outbox rows.  Core statements built once, no business rules.
+
+Core, not ORM objects: these run once or more per message on the ingest path, where the
+unit of work's bookkeeping cost several times the SQL itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Insert, insert
+from sqlalchemy.orm import Session
+
+from mailrouter.parse import ParsedMessage, format_id
+from mailrouter.store.models import (
+    INTERACTIONS,
+    MESSAGE_RECIPIENTS,
+    MESSAGE_REFS,
+    MESSAGES,
+    OUTBOX,
+    Direction,
+    utcnow,
+)
+
+__all__ = ["add_message", "add_recipients", "insert_interaction", "insert_outbox"]
+
+# Built once: building a statement costs more than running it on SQLite.
+_INSERT_MESSAGE = insert(MESSAGES)
+_INSERT_REF = insert(MESSAGE_REFS)
+_INSERT_RECIPIENT = insert(MESSAGE_RECIPIENTS)
+_INSERT_OUTBOX = insert(OUTBOX)
+_INSERT_INTERACTION = insert(INTERACTIONS)
+
+
+def _new_id(conn: Connection, stmt: Insert, params: dict[str, Any]) -> int:
+    """The primary key the insert created (lastrowid on SQLite, RETURNING elsewhere)."""
+    key = conn.execute(stmt, params).inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
+def add_message(
+    session: Session,
+    msg: ParsedMessage,
+    *,
+    direction: Direction,
+    account_id: int,
+    interaction_id: int | None,
+    source: str,
+    recipients: Sequence[int] = (),
+    routed_to: int | None = None,
+    rule: str | None = None,
+    action: str | None = None,
+    hold_reason: str | None = None,
+) -> int:
+    """Insert a message with its id references and recipient accounts; returns its key.
+
+    A ``hold_reason`` stores it as held (kept for inspection, no interaction).
+    """
+    conn = session.connection()
+    pk = _new_id(
+        conn,
+        _INSERT_MESSAGE,
+        dict(
+            interaction_id=interaction_id,
+            direction=direction.value,
+            account_id=account_id,
+            routed_to_account_id=routed_to,
+            message_id=msg.message_id,
+            synthetic_id=msg.synthetic_id,
+            in_reply_to=" ".join(format_id(i) for i in msg.in_reply_to) or None,
+            references=" ".join(format_id(i) for i in msg.references) or None,
+            from_addr=msg.from_display or None,
+            reply_to=msg.reply_to_email or None,
+            to_addrs=", ".join(msg.recipients) or None,
+            subject=msg.subject or None,
+            date=msg.date,
+            size=len(msg.raw),
+            content_hash=msg.content_hash,
+            raw=msg.raw,
+            automatic=msg.automatic,
+            status="held" if hold_reason is not None else "stored",
+            hold_reason=hold_reason,
+            rule=rule,
+            action=action,
+            source=source,
+            received_at=utcnow(),
+        ),
+    )
+    refs = [{"message_pk": pk, "position": n, "ref_id": r} for n, r in enumerate(msg.parents)]
+    if refs:
+        conn.execute(_INSERT_REF, refs)
+    add_recipients(session, pk, dict.fromkeys(recipients))
+    return pk
+
+
+def add_recipients(session: Session, message_pk: int, account_ids: Iterable[int]) -> None:
+    """Record more accounts a stored message was addressed to."""
+    rows = [{"message_pk": message_pk, "account_id": a} for a in account_ids]
+    if rows:
+        session.connection().execute(_INSERT_RECIPIENT, rows)
+
+
+def insert_interaction(
+    session: Session,
+    *,
+    account_id: int,
+    customer_address: str | None,
+    customer_name: str | None,
+    subject: str | None,
+    now: datetime,
+) -> int:
+    """A new open, unread interaction owned (and originated) by ``account_id``."""
+    return _new_id(
+        session.connection(),
+        _INSERT_INTERACTION,
+        dict(
+            created_at=now,
+            account_id=account_id,
+            origin_account_id=account_id,
+            status="open",
+            unread=True,
+            distribution="queue",
+            customer_address=customer_address,
+            customer_name=customer_name,
+            subject=subject,
+            last_activity_at=now,
+        ),
+    )
+
+
+def insert_outbox(session: Session, **values: Any) -> int:
+    """One outbox row with the given column values; returns its key."""
+    return _new_id(session.connection(), _INSERT_OUTBOX, values)
