@@ -1,0 +1,130 @@
+"""Admin commands: ``run`` the daemon, ``check-config``, ``db`` schema, and the ``queue``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mailrouter.cli._common import (
+    EXIT_FAIL,
+    EXIT_OK,
+    EXIT_USAGE,
+    Subparsers,
+    add_command,
+    flush,
+    json_flag,
+    print_json,
+    table,
+)
+from mailrouter.config import Settings, describe
+
+__all__ = ["register"]
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from mailrouter.daemon import StartupError, run
+
+    try:
+        return run(settings)
+    except StartupError as exc:
+        print(f"mailrouter: cannot start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # e.g. the SMTP port is taken
+        print(f"mailrouter: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
+    from mailrouter.notify import check_templates
+
+    problems = check_templates(settings)
+    if args.json:
+        print_json({"ok": not problems, "problems": problems, "settings": describe(settings)})
+    else:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        if not problems:
+            print(json.dumps(describe(settings), indent=2, default=str))
+            print(f"{settings.config_path}: OK", file=sys.stderr)
+    return EXIT_OK if not problems else EXIT_USAGE
+
+
+def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
+    from mailrouter.store.db import open_database
+    from mailrouter.store.migrate import current_revision, head_revision, upgrade
+
+    db = open_database(settings.database_url)
+    try:
+        if args.db_command == "upgrade":
+            before, after = upgrade(db)
+            print(
+                f"schema: {before or 'empty'} -> {after}"
+                if before != after
+                else f"schema: {after} (up to date)"
+            )
+        else:
+            current = current_revision(db)
+            print(f"schema: {current or 'empty'} (this version needs {head_revision()})")
+    finally:
+        db.dispose()
+    return EXIT_OK
+
+
+def cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
+    from mailrouter.deliver.queue import requeue
+    from mailrouter.runtime import opened
+    from mailrouter.views import queue_rows
+
+    with opened(settings) as rt:
+        if args.queue_command == "flush":
+            print(f"attempted {flush(rt, args)} item(s)")
+            return EXIT_OK
+        if args.queue_command == "retry":
+            requeue(rt, args.id)
+            print(f"item {args.id} requeued; attempted {flush(rt, args)} item(s)")
+            return EXIT_OK
+        with rt.db.read() as s:
+            rows = queue_rows(s, all_rows=args.all)
+    if args.json:
+        print_json(rows)
+    else:
+        table(
+            rows,
+            [
+                "id",
+                "kind",
+                "account",
+                "interaction",
+                "status",
+                "attempts",
+                "to",
+                "next_attempt_at",
+                "last_error",
+            ],
+        )
+    return EXIT_OK
+
+
+def register(sub: Subparsers) -> None:
+    add_command(sub, "run", cmd_run, "run the daemon in the foreground")
+    json_flag(
+        add_command(
+            sub,
+            "check-config",
+            cmd_check_config,
+            "validate the config and print the effective settings",
+        )
+    )
+    db = add_command(sub, "db", cmd_db, "database schema")
+    db.add_argument("db_command", choices=("upgrade", "current"))
+
+    sp = add_command(
+        sub, "queue", cmd_queue, "outbox: list pending/failed items, flush, retry a failed one"
+    )
+    qs = sp.add_subparsers(dest="queue_command", metavar="ACTION")
+    qs.add_parser("flush", help="attempt everything due now")
+    rt = qs.add_parser("retry", help="requeue a failed item")
+    rt.add_argument("id", type=int)
+    sp.add_argument("--all", action="store_true", help="include sent items")
+    json_flag(sp)
