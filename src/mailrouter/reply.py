@@ -10,17 +10,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select
-
-from mailrouter.deliver.outbox import enqueue
+from mailrouter.deliver.outbox import queue_outbound
 from mailrouter.errors import Refused
 from mailrouter.log import event
 from mailrouter.notify import compose_reply
 from mailrouter.parse import format_id, parse
 from mailrouter.runtime import Runtime
-from mailrouter.store.inserts import add_message
-from mailrouter.store.models import Direction, Message, OutboxKind, utcnow
-from mailrouter.store.queries import lock_interaction
+from mailrouter.store.models import OutboxKind, utcnow
+from mailrouter.store.queries import last_customer_raw, lock_interaction
 
 __all__ = ["ReplyRefused", "ReplyResult", "reply"]
 
@@ -53,7 +50,7 @@ def reply(rt: Runtime, interaction_id: int, body: str, *, agent: str | None = No
                 "no-customer-message",
                 f"interaction {interaction_id} has no customer message to answer",
             )
-        raw = s.scalar(select(Message.raw).where(Message.id == i.last_customer_message_pk))
+        raw = last_customer_raw(s, i)
         assert raw is not None
         customer = parse(raw)
         if not (customer.reply_to_email or customer.from_email):
@@ -72,24 +69,14 @@ def reply(rt: Runtime, interaction_id: int, body: str, *, agent: str | None = No
             )
         except ValueError as exc:
             raise ReplyRefused("bad-reply", str(exc)) from None
-        message_pk = add_message(
-            s,
-            parse(composed.raw),
-            direction=Direction.OUTBOUND,
-            account_id=i.account_id,
-            interaction_id=i.id,
-            source="reply",
-        )
-        outbox_pk = enqueue(
+        _, outbox_pk = queue_outbound(
             s,
             rt.settings,
+            composed,
             kind=OutboxKind.REPLY,
             account_id=i.account_id,
             interaction_id=i.id,
-            message_pk=message_pk,
-            payload=composed.raw,
-            envelope_from=composed.envelope_from,
-            envelope_to=composed.envelope_to,
+            source="reply",
         )
         i.last_activity_at = utcnow()
         if agent and not i.assigned_agent:

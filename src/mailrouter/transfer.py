@@ -11,18 +11,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select
-
 from mailrouter.config import AccountSettings
-from mailrouter.deliver.outbox import enqueue
+from mailrouter.deliver.outbox import queue_outbound
 from mailrouter.errors import Refused
 from mailrouter.log import event
 from mailrouter.notify import TemplateError, compose_notice, suppression_reason
-from mailrouter.parse import ParsedMessage, format_id, parse
+from mailrouter.parse import format_id, parse
 from mailrouter.runtime import Runtime
-from mailrouter.store.inserts import add_message
-from mailrouter.store.models import Direction, Message, OutboxKind, Transfer, utcnow
-from mailrouter.store.queries import lock_interaction
+from mailrouter.store.models import OutboxKind, Transfer, utcnow
+from mailrouter.store.queries import last_customer_raw, lock_interaction
 
 __all__ = ["TransferRefused", "TransferResult", "transfer"]
 
@@ -96,12 +93,8 @@ def transfer(
         # The notice follows the settings of the account the interaction leaves (the most
         # recent previous owner, not the origin), and names that account as fromAccount.
         if source.transfer.notify and source.transfer.template:
-            customer: ParsedMessage | None = None
-            if interaction.last_customer_message_pk is not None:
-                raw = s.scalar(
-                    select(Message.raw).where(Message.id == interaction.last_customer_message_pk)
-                )
-                customer = parse(raw) if raw is not None else None
+            raw = last_customer_raw(s, interaction)
+            customer = parse(raw) if raw is not None else None
             why = suppression_reason(customer)
             if why is not None:
                 record.notification, record.notification_reason = "suppressed", why
@@ -125,25 +118,14 @@ def transfer(
                     raise TransferRefused(
                         "template-failed", f"notice template of account {source.name} failed: {exc}"
                     ) from exc
-                out_msg = parse(notice.raw)
-                message_pk = add_message(
-                    s,
-                    out_msg,
-                    direction=Direction.OUTBOUND,
-                    account_id=rt.accounts.id(target.name),
-                    interaction_id=interaction.id,
-                    source="transfer-notice",
-                )
-                outbox_pk = enqueue(
+                _, outbox_pk = queue_outbound(
                     s,
                     rt.settings,
+                    notice,
                     kind=OutboxKind.NOTIFY,
                     account_id=rt.accounts.id(target.name),
                     interaction_id=interaction.id,
-                    message_pk=message_pk,
-                    payload=notice.raw,
-                    envelope_from=notice.envelope_from,
-                    envelope_to=notice.envelope_to,
+                    source="transfer-notice",
                 )
                 record.notification = "queued"
                 record.notification_message_id = notice.message_id

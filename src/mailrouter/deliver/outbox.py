@@ -25,13 +25,14 @@ from mailrouter.config import Settings
 from mailrouter.deliver.errors import DeliveryError
 from mailrouter.deliver.mailbox import deliver_to_account, send_outbound, with_trace_headers
 from mailrouter.log import event
-from mailrouter.parse import format_id
+from mailrouter.notify.compose import Composed
+from mailrouter.parse import format_id, parse
 from mailrouter.retry import backoff, wait_first
 from mailrouter.runtime import Runtime
-from mailrouter.store.inserts import insert_outbox
-from mailrouter.store.models import Message, Outbox, OutboxKind, OutboxStatus, utcnow
+from mailrouter.store.inserts import add_message, insert_outbox
+from mailrouter.store.models import Direction, Message, Outbox, OutboxKind, OutboxStatus, utcnow
 
-__all__ = ["Job", "OutboxWorker", "enqueue"]
+__all__ = ["Job", "OutboxWorker", "enqueue", "queue_outbound"]
 
 log = logging.getLogger("mailrouter.outbox")
 
@@ -83,6 +84,43 @@ def enqueue(
         next_attempt_at=now,
         deadline=now + timedelta(seconds=settings.outbox.lifetime),
     )
+
+
+def queue_outbound(
+    session: Session,
+    settings: Settings,
+    composed: Composed,
+    *,
+    kind: OutboxKind,
+    account_id: int,
+    interaction_id: int,
+    source: str,
+) -> tuple[int, int]:
+    """Store our own composed message on its interaction and queue it for sending.
+
+    Stored as an outbound message so the customer's answer to it resolves to this
+    interaction; queued in the same transaction.  Returns (message key, outbox key).
+    """
+    message_pk = add_message(
+        session,
+        parse(composed.raw),
+        direction=Direction.OUTBOUND,
+        account_id=account_id,
+        interaction_id=interaction_id,
+        source=source,
+    )
+    outbox_pk = enqueue(
+        session,
+        settings,
+        kind=kind,
+        account_id=account_id,
+        interaction_id=interaction_id,
+        message_pk=message_pk,
+        payload=composed.raw,
+        envelope_from=composed.envelope_from,
+        envelope_to=composed.envelope_to,
+    )
+    return message_pk, outbox_pk
 
 
 class OutboxWorker:

@@ -16,9 +16,10 @@ from mailrouter.store.models import (
     MESSAGES,
     Account,
     Interaction,
+    Message,
 )
 
-__all__ = ["AccountMap", "StoreView", "lock_interaction", "sync_accounts"]
+__all__ = ["AccountMap", "StoreView", "last_customer_raw", "lock_interaction", "sync_accounts"]
 
 
 def lock_interaction(session: Session, interaction_id: int) -> Interaction | None:
@@ -29,6 +30,15 @@ def lock_interaction(session: Session, interaction_id: int) -> Interaction | Non
     """
     return session.scalar(
         select(Interaction).where(Interaction.id == interaction_id).with_for_update(of=Interaction)
+    )
+
+
+def last_customer_raw(session: Session, interaction: Interaction) -> bytes | None:
+    """The raw bytes of the interaction's last customer message, if it has one."""
+    if interaction.last_customer_message_pk is None:
+        return None
+    return session.scalar(
+        select(Message.raw).where(Message.id == interaction.last_customer_message_pk)
     )
 
 
