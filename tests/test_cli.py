@@ -442,3 +442,20 @@ def test_log_format_json_gives_one_object_per_decision(settings: Settings) -> No
         "sales@example.test",
     )
     assert d["interaction"] == 1 and d["msgid"].startswith("<")
+
+
+def test_read_only_commands_do_not_wait_for_the_write_lock(settings: Settings) -> None:
+    """``interactions`` and ``show`` answer while another process holds SQLite's write lock."""
+    import sqlite3
+
+    assert run_cli(settings, "ingest", str(CHAIRS / "01-customer-asks.eml"))[0] == 0
+    db_file = settings.database_url.removeprefix("sqlite:///")
+    writer = sqlite3.connect(db_file, isolation_level=None, timeout=0.1)
+    writer.execute("BEGIN IMMEDIATE")  # what a busy ingest holds for the length of a batch
+    try:
+        rows = cli_json(settings, "interactions")
+        assert [r["id"] for r in rows] == [1]
+        assert cli_json(settings, "show", "1")["id"] == 1
+    finally:
+        writer.rollback()
+        writer.close()

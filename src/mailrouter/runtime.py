@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from mailrouter.config import AccountSettings, Settings
 from mailrouter.store.db import Database, open_database
 from mailrouter.store.migrate import ensure_schema
-from mailrouter.store.queries import AccountMap, sync_accounts
+from mailrouter.store.queries import AccountMap, accounts_in_sync, sync_accounts
 from mailrouter.store.writer import WriteBatcher
 
 __all__ = ["Runtime", "opened"]
@@ -38,8 +38,11 @@ class Runtime:
         db = open_database(settings.database_url)
         try:
             ensure_schema(db, settings.auto_upgrade if upgrade is None else upgrade)
-            with db.write() as session:
-                accounts = sync_accounts(session, settings)
+            with db.read() as session:
+                accounts = accounts_in_sync(session, settings)
+            if accounts is None:
+                with db.write() as session:
+                    accounts = sync_accounts(session, settings)
         except BaseException:
             db.dispose()
             raise

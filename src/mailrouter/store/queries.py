@@ -19,7 +19,14 @@ from mailrouter.store.models import (
     Message,
 )
 
-__all__ = ["AccountMap", "StoreView", "last_customer_raw", "lock_interaction", "sync_accounts"]
+__all__ = [
+    "AccountMap",
+    "StoreView",
+    "accounts_in_sync",
+    "last_customer_raw",
+    "lock_interaction",
+    "sync_accounts",
+]
 
 
 def lock_interaction(session: Session, interaction_id: int) -> Interaction | None:
@@ -54,6 +61,25 @@ class AccountMap:
 
     def name(self, account_id: int) -> str:
         return self.names[account_id]
+
+
+def accounts_in_sync(session: Session, settings: Settings) -> AccountMap | None:
+    """The account map when the table already mirrors the config, else None (read only).
+
+    Opening the store for a read-only command must not take the write lock: only when
+    the config changed does :func:`sync_accounts` need a write transaction.
+    """
+    rows = {a.name: a for a in session.scalars(select(Account))}
+    for acc in settings.accounts:
+        row = rows.get(acc.name)
+        if row is None or (
+            row.address,
+            row.transfer_enabled,
+            row.transfer_notify,
+            row.transfer_template,
+        ) != (acc.address, acc.transfer.enabled, acc.transfer.notify, acc.transfer.template):
+            return None
+    return AccountMap({name: row.id for name, row in rows.items()})
 
 
 def sync_accounts(session: Session, settings: Settings) -> AccountMap:
