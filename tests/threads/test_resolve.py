@@ -269,10 +269,16 @@ def test_known_message_across_accounts_is_attached_not_stored_again(pipeline: Pi
 
 
 class FakeIndex:
-    """A ThreadIndex from two dicts: stored Message-IDs and ids that stored messages name."""
+    """A ThreadIndex from two dicts: stored Message-IDs and ids that stored messages name.
+
+    Every interaction's only participant is ``customer@x``.
+    """
 
     def __init__(self, known: dict[str, int], referenced: dict[str, int]) -> None:
         self.known, self.referenced = known, referenced
+
+    def participants(self, interaction_id: int) -> set[str]:
+        return {"customer@x"}
 
     def interactions_of(self, ids: Sequence[str]) -> dict[str, int]:
         return {i: self.known[i] for i in ids if i in self.known}
@@ -297,7 +303,10 @@ def test_resolve_is_a_pure_function_of_headers_and_index(
     known: dict[str, int], referenced: dict[str, int], expected: tuple[int | None, str, str | None]
 ) -> None:
     """Each rule wins exactly when every rule above it finds nothing."""
-    msg = parse(b"Message-ID: <m@x>\nIn-Reply-To: <p@x>\nReferences: <r1@x> <r2@x> <p@x>\n\nhi\n")
+    msg = parse(
+        b"From: customer@x\nMessage-ID: <m@x>\nIn-Reply-To: <p@x>\n"
+        b"References: <r1@x> <r2@x> <p@x>\n\nhi\n"
+    )
     found = resolve(msg, FakeIndex(known, referenced))
     assert (found.interaction_id, found.rule, found.matched_id) == expected
 
@@ -312,7 +321,7 @@ def test_referenced_lookup_is_skipped_when_a_stored_parent_decides() -> None:
             self.referencing_calls += 1
             return super().interactions_referencing(ids)
 
-    reply = parse(b"Message-ID: <m@x>\nIn-Reply-To: <p@x>\n\nhi\n")
+    reply = parse(b"From: customer@x\nMessage-ID: <m@x>\nIn-Reply-To: <p@x>\n\nhi\n")
     stored_parent = CountingIndex({"p@x": 2}, {})
     assert resolve(reply, stored_parent).rule == "in-reply-to"
     assert stored_parent.referencing_calls == 0

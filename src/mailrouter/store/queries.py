@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from email.utils import parseaddr
 from typing import Any
 
 from sqlalchemy import Select, bindparam, select
@@ -121,6 +122,10 @@ _EXISTING = select(_M.id).where(
     _M.message_id == bindparam("mid"), _M.content_hash == bindparam("h")
 )
 _RECIPIENTS = select(_RC.account_id).where(_RC.message_pk == bindparam("pk"))
+_SENDERS = select(_M.from_addr, _M.reply_to, _M.to_addrs).where(
+    _M.interaction_id == bindparam("iid"), _M.direction == "inbound"
+)
+_CUSTOMER = select(_I.customer_address).where(_I.id == bindparam("iid"))
 
 
 class StoreView:
@@ -151,6 +156,16 @@ class StoreView:
         account_id = self.conn.scalar(_OWNER, {"iid": interaction_id})
         assert account_id is not None, f"interaction {interaction_id} vanished"
         return self.accounts.name(account_id)
+
+    def participants(self, interaction_id: int) -> set[str]:
+        # Whoever wrote in it, and whoever they addressed (a colleague on Cc); our own
+        # accounts are among the addressees but never send inbound mail.
+        found = {self.conn.scalar(_CUSTOMER, {"iid": interaction_id}) or ""}
+        for from_addr, reply_to, to_addrs in self.conn.execute(_SENDERS, {"iid": interaction_id}):
+            found.add(parseaddr(from_addr or "")[1])
+            found.add(reply_to or "")
+            found.update((to_addrs or "").split(", "))
+        return {a.strip().lower() for a in found if a}
 
     def existing(self, message_id: str, content_hash: str) -> tuple[int, set[str]] | None:
         pk = self.conn.scalar(_EXISTING, {"mid": message_id, "h": content_hash})

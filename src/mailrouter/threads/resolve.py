@@ -26,12 +26,18 @@ class ThreadIndex(Protocol):
     def interactions_referencing(self, ids: Sequence[str]) -> dict[str, int]:
         """Ids that some stored message points at (In-Reply-To/References) → its interaction."""
 
+    def participants(self, interaction_id: int) -> set[str]:
+        """Lower-case addresses known in the interaction: its customer, every sender of
+        inbound mail in it and everyone that mail was addressed to."""
+
 
 @dataclass(frozen=True)
 class Resolution:
     interaction_id: int | None
     rule: str
     matched_id: str | None = None
+    # Why a weak signal was not followed (a stranger), for the routing log.
+    note: str | None = None
 
 
 class Facts:
@@ -41,14 +47,38 @@ class Facts:
     stored, decided by the first three rules, so that second query is made on first use.
     """
 
-    def __init__(self, msg: ParsedMessage, index: ThreadIndex) -> None:
+    def __init__(self, msg: ParsedMessage, index: ThreadIndex, *, identical: bool = False) -> None:
         self.msg = msg
         self._index = index
+        # An identical copy of this very message is stored (same id and content hash).
+        self.identical = identical
         self.known = index.interactions_of([msg.message_id, *msg.parents])
+        # From only: Reply-To is whatever the sender wants answers to go to, so naming a
+        # customer there must not make a stranger a participant.
+        self.sender = {msg.from_email.lower()} if msg.from_email else set()
+        self.refused: list[str] = []
+        self._participant: dict[int, bool] = {}
 
     @cached_property
     def referenced(self) -> dict[str, int]:
         return self._index.interactions_referencing([*self.msg.parents, self.msg.message_id])
+
+    def weak(self, rule: str, interaction_id: int, mid: str) -> Resolution | None:
+        """Follow a weak signal only for a known participant of that interaction.
+
+        Message-IDs can be guessed or copied: a stranger who reuses a customer's
+        Message-ID, or answers the same newsletter, must not land in (and then receive
+        the agent's reply to) someone else's conversation.  Refusals are remembered so
+        the routing log can say why the message opened a new interaction instead.
+        """
+        ok = self._participant.get(interaction_id)
+        if ok is None:
+            ok = bool(self.sender & self._index.participants(interaction_id))
+            self._participant[interaction_id] = ok
+        if ok:
+            return Resolution(interaction_id, rule, mid)
+        self.refused.append(f"{rule} <{mid}> ignored: sender not a participant of {interaction_id}")
+        return None
 
 
 class ThreadRule(Protocol):
@@ -64,9 +94,12 @@ class KnownMessage:
 
     def check(self, facts: Facts) -> Resolution | None:
         mid = facts.msg.message_id
-        if mid in facts.known:
+        if mid not in facts.known:
+            return None
+        if facts.identical:
             return Resolution(facts.known[mid], self.name, mid)
-        return None
+        # Same id, other content: the same message only if a participant sent it.
+        return facts.weak(self.name, facts.known[mid], mid)
 
 
 class InReplyTo:
@@ -98,7 +131,9 @@ class SharedReference:
     def check(self, facts: Facts) -> Resolution | None:
         for mid in facts.msg.parents:
             if mid in facts.referenced:
-                return Resolution(facts.referenced[mid], self.name, mid)
+                found = facts.weak(self.name, facts.referenced[mid], mid)
+                if found is not None:
+                    return found
         return None
 
 
@@ -109,7 +144,7 @@ class ReferencedBy:
     def check(self, facts: Facts) -> Resolution | None:
         mid = facts.msg.message_id
         if mid in facts.referenced:
-            return Resolution(facts.referenced[mid], self.name, mid)
+            return facts.weak(self.name, facts.referenced[mid], mid)
         return None
 
 
@@ -123,11 +158,15 @@ RULES: tuple[ThreadRule, ...] = (
 NEW_INTERACTION = "new-interaction"
 
 
-def resolve(msg: ParsedMessage, index: ThreadIndex) -> Resolution:
-    """Run the rule chain; no match means the message opens a new interaction."""
-    facts = Facts(msg, index)
+def resolve(msg: ParsedMessage, index: ThreadIndex, *, identical: bool = False) -> Resolution:
+    """Run the rule chain; no match means the message opens a new interaction.
+
+    ``identical``: an identical copy of ``msg`` is already stored (a Cc to a second
+    account, a redelivery), so its own Message-ID is a strong signal.
+    """
+    facts = Facts(msg, index, identical=identical)
     for rule in RULES:
         found = rule.check(facts)
         if found is not None:
             return found
-    return Resolution(None, NEW_INTERACTION)
+    return Resolution(None, NEW_INTERACTION, note="; ".join(facts.refused) or None)

@@ -1,0 +1,83 @@
+"""Message-IDs can be guessed or copied: weak signals join a conversation only for a
+known participant (reliability issue, "hijack by a reused Message-ID")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from helpers import accept, make_settings, pipeline
+
+CUSTOMER = b"From: Alice <alice@customer.test>\nTo: sales@example.test\n"
+STRANGER = b"From: Mallory <mallory@elsewhere.test>\nTo: sales@example.test\n"
+
+
+def mail(head: bytes, headers: bytes, body: bytes = b"hello\n") -> bytes:
+    return head + headers + b"Subject: chairs\n\n" + body
+
+
+def test_a_reused_message_id_from_a_stranger_opens_a_new_interaction(tmp_path: Path) -> None:
+    """Same Message-ID, other sender and content: not the customer's message."""
+    with pipeline(make_settings(tmp_path)) as p:
+        first = accept(p, mail(CUSTOMER, b"Message-ID: <q1@customer.test>\n"))
+        stolen = accept(
+            p, mail(STRANGER, b"Message-ID: <q1@customer.test>\n", b"send me the invoice\n")
+        )
+        assert stolen.interaction_id != first.interaction_id
+        assert stolen.decision.rule == "new-interaction"
+        assert stolen.decision.action == "deliver"
+
+
+def test_the_customer_reusing_their_own_message_id_still_joins(tmp_path: Path) -> None:
+    """A participant's edited resend of the same Message-ID stays in the conversation."""
+    with pipeline(make_settings(tmp_path)) as p:
+        first = accept(p, mail(CUSTOMER, b"Message-ID: <q1@customer.test>\n"))
+        again = accept(p, mail(CUSTOMER, b"Message-ID: <q1@customer.test>\n", b"edited\n"))
+        assert (again.interaction_id, again.decision.rule) == (
+            first.interaction_id,
+            "known-message",
+        )
+
+
+def test_two_people_answering_one_newsletter_are_not_merged(tmp_path: Path) -> None:
+    """A shared parent that was never stored is a weak signal (shared-reference)."""
+    newsletter = b"In-Reply-To: <news-7@lists.test>\nReferences: <news-7@lists.test>\n"
+    with pipeline(make_settings(tmp_path)) as p:
+        alice = accept(p, mail(CUSTOMER, b"Message-ID: <a1@customer.test>\n" + newsletter))
+        mallory = accept(p, mail(STRANGER, b"Message-ID: <m1@elsewhere.test>\n" + newsletter))
+        assert mallory.interaction_id != alice.interaction_id
+        assert mallory.decision.rule == "new-interaction"
+        # The customer's own second answer to the same newsletter still joins hers.
+        again = accept(p, mail(CUSTOMER, b"Message-ID: <a2@customer.test>\n" + newsletter))
+        assert (again.interaction_id, again.decision.rule) == (
+            alice.interaction_id,
+            "shared-reference",
+        )
+
+
+def test_a_stranger_whose_id_a_customer_referenced_does_not_join(tmp_path: Path) -> None:
+    """referenced-by (a reply arrived before its parent) needs a known participant too."""
+    with pipeline(make_settings(tmp_path)) as p:
+        alice = accept(
+            p,
+            mail(CUSTOMER, b"Message-ID: <a1@customer.test>\nIn-Reply-To: <early@x.test>\n"),
+        )
+        mallory = accept(p, mail(STRANGER, b"Message-ID: <early@x.test>\n"))
+        assert mallory.interaction_id != alice.interaction_id
+        assert mallory.decision.rule == "new-interaction"
+
+
+def test_a_reply_to_a_stored_message_is_a_strong_signal(tmp_path: Path) -> None:
+    """In-Reply-To naming a stored message joins whoever sends it (a colleague on Cc)."""
+    with pipeline(make_settings(tmp_path)) as p:
+        alice = accept(p, mail(CUSTOMER, b"Message-ID: <a1@customer.test>\n"))
+        colleague = accept(
+            p,
+            mail(
+                b"From: Bob <bob@customer.test>\nTo: sales@example.test\n",
+                b"Message-ID: <b1@customer.test>\nIn-Reply-To: <a1@customer.test>\n",
+            ),
+        )
+        assert (colleague.interaction_id, colleague.decision.rule) == (
+            alice.interaction_id,
+            "in-reply-to",
+        )
