@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import TEMPLATES
-from mailrouter.config import ConfigError, Settings, load, load_from_text
+from mailrouter.config import ConfigError, OutboundSettings, Settings, load, load_from_text
 
 
 def valid(tmp_path: Path) -> str:
@@ -284,3 +284,26 @@ def test_tls_ca_file_resolves_next_to_config_and_must_exist(tmp_path: Path) -> N
             env={},
         )
     assert "outbound.tls_ca_file" in str(exc.value) and ":6:" in str(exc.value)
+
+
+# --------------------------------------------------------------------------- outbound
+
+
+@pytest.mark.parametrize("host", [None, "smtp.example.net"])
+def test_smtp_outbound_without_tls_key_uses_starttls(tmp_path: Path, host: str | None) -> None:
+    """type = "smtp" with no tls key means STARTTLS, loopback or not, as OutboundSettings says."""
+    text = valid(tmp_path) + '\n[outbound]\ntype = "smtp"\n'
+    if host is not None:
+        text += f'host = "{host}"\n'
+    settings = load_from_text(text, tmp_path / "mailrouter.toml", env={})
+    assert settings.outbound.type == "smtp"
+    assert settings.outbound.tls == "starttls"
+    assert OutboundSettings().tls == "starttls"  # the dataclass and the loader agree
+
+
+def test_pickup_outbound_is_only_its_directory(tmp_path: Path) -> None:
+    """A pickup outbound is type and path; the smarthost settings keep their defaults."""
+    text = valid(tmp_path) + '\n[outbound]\ntype = "pickup"\n'
+    settings = load_from_text(text, tmp_path / "mailrouter.toml", env={})
+    pickup = (tmp_path / "state").resolve() / "pickup"
+    assert settings.outbound == OutboundSettings(type="pickup", path=pickup)

@@ -122,7 +122,9 @@ class OutboundSettings:
     path: Path | None = None
     host: str = "127.0.0.1"
     port: int = 25
-    tls: Literal["none", "starttls", "tls"] = "none"
+    # A smarthost is reached over the network: encrypt unless told otherwise (the loader
+    # refuses "none" for a host that is not loopback).
+    tls: Literal["none", "starttls", "tls"] = "starttls"
     user: str | None = None
     password: Secret | None = None
     timeout: float = 60.0
