@@ -1,5 +1,8 @@
 """Reads the TOML config file into :class:`Settings`, with errors that name file, line and key.
 
+The keys each table accepts and the value of a key the file leaves out come from the
+settings dataclasses; this module adds the checks and the defaults that depend on other
+settings (a Maildir named after its account, a port that depends on the delivery type).
 Relative paths for state (database, Maildirs, pickup directory, spool) resolve under the
 state directory (``MAILROUTER_STATE_DIR``, default ``./var``); the template directory,
 being configuration, resolves next to the config file.
@@ -11,11 +14,11 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import Field
 from pathlib import Path
 from typing import Any
 
 from mailrouter.config.settings import (
-    DEFAULT_STATE_DIR,
     AccountSettings,
     DeliverySettings,
     ImapWatchSettings,
@@ -25,6 +28,11 @@ from mailrouter.config.settings import (
     Secret,
     Settings,
     TransferSettings,
+    choices,
+    file_default,
+    secret_keys,
+    toml_fields,
+    toml_keys,
 )
 from mailrouter.net import is_loopback
 
@@ -190,6 +198,87 @@ def _dotted(key: str) -> str:
     return ".".join(part.strip().strip("\"'") for part in key.split("."))
 
 
+_FROM_FIELD: Any = object()
+
+
+class _Table:
+    """One TOML table read as a settings dataclass, or as part of one.
+
+    Opening a table refuses keys its dataclass has no field for.  A key the file leaves out
+    gets the field's default (see :func:`file_default`) unless the caller passes one that
+    depends on other settings.  ``prefix`` places a table among its class's dotted keys: ""
+    for ``[outbox]`` (all of an OutboxSettings), "database" for ``[database]`` (part of
+    Settings).  ``defaults``, if given, is an instance whose values replace the fields'
+    defaults (``[smtp]`` and ``[lmtp]`` are both ListenerSettings with different ones).
+    """
+
+    def __init__(
+        self,
+        r: _Reader,
+        data: Mapping[str, Any],
+        key: str,
+        cls: type,
+        *,
+        prefix: str = "",
+        defaults: object | None = None,
+    ) -> None:
+        self.r, self.data, self.key, self.cls = r, data, key, cls
+        self.prefix, self.defaults = prefix, defaults
+        r.check_keys(data, key, toml_keys(cls, prefix))
+
+    def full(self, name: str) -> str:
+        """The dotted key of ``name`` in the file (``""``: this table's own key)."""
+        return _join(self.key, name)
+
+    def fail(self, name: str, problem: str) -> ConfigError:
+        return self.r.fail(self.full(name), problem)
+
+    def sub(self, name: str, cls: type | None = None, defaults: object | None = None) -> _Table:
+        """The table ``name`` in this one: a ``cls`` of its own, or more of this table's class."""
+        data = self.r.table(self.data, self.full(name))
+        if cls is None:
+            return _Table(self.r, data, self.full(name), self.cls, prefix=_join(self.prefix, name))
+        return _Table(self.r, data, self.full(name), cls, defaults=defaults)
+
+    def table(self, name: str) -> Mapping[str, Any]:
+        """The table ``name`` as plain data (a map of names to tables, like ``accounts``)."""
+        return self.r.table(self.data, self.full(name))
+
+    def field(self, name: str) -> Field[Any]:
+        return toml_fields(self.cls)[_join(self.prefix, name)]
+
+    def default(self, name: str) -> Any:
+        f = self.field(name)
+        return file_default(f) if self.defaults is None else getattr(self.defaults, f.name)
+
+    def _or_default(self, name: str, default: Any) -> Any:
+        return self.default(name) if default is _FROM_FIELD else default
+
+    def get(self, name: str, typ: type, default: Any = _FROM_FIELD) -> Any:
+        return self.r.get(self.data, self.full(name), typ, self._or_default(name, default))
+
+    def choice(self, name: str) -> Any:
+        """One of the values the field's ``Literal[...]`` type lists."""
+        allowed = choices(self.cls, self.field(name))
+        return self.r.choice(self.data, self.full(name), allowed, self.default(name))
+
+    def positive(self, name: str, typ: type) -> Any:
+        return self.r.positive(self.data, self.full(name), typ, self.default(name))
+
+    def port(self, name: str, default: Any = _FROM_FIELD) -> int:
+        return self.r.port(self.data, self.full(name), self._or_default(name, default))
+
+    def ca_file(self, name: str) -> Path | None:
+        return self.r.ca_file(self.data, self.full(name))
+
+    def secret(self, name: str, env: Mapping[str, str]) -> Secret | None:
+        return self.r.secret(self.data, self.full(name), env)
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate ``path``; raises :class:`ConfigError` with file, line and key."""
     p = Path(path)
@@ -219,59 +308,37 @@ def load_from_text(
     r = _Reader(file, text)
     config_dir = Path(file).resolve().parent
 
-    r.check_keys(
-        data,
-        "",
-        {
-            "state_dir",
-            "hostname",
-            "database",
-            "templates",
-            "accounts",
-            "outbound",
-            "outbox",
-            "smtp",
-            "lmtp",
-            "log",
-            "daemon",
-        },
-    )
-    state_raw = env.get("MAILROUTER_STATE_DIR") or r.get(data, "state_dir", str, DEFAULT_STATE_DIR)
+    top = _Table(r, data, "", Settings)
+    state_raw = env.get("MAILROUTER_STATE_DIR") or top.get("state_dir", str)
     state_dir = Path(state_raw).expanduser().resolve()
 
     def state_path(value: str) -> Path:
         p = Path(value).expanduser()
         return p if p.is_absolute() else state_dir / p
 
-    db = r.table(data, "database")
-    r.check_keys(db, "database", {"url", "auto_upgrade"})
-    url = r.get(db, "database.url", str, "sqlite:///mailrouter.db")
-    url = _resolve_sqlite_url(url, state_dir)
-    auto_upgrade = r.get(db, "database.auto_upgrade", bool, True)
+    db = top.sub("database")
+    url = _resolve_sqlite_url(db.get("url", str), state_dir)
+    auto_upgrade = db.get("auto_upgrade", bool)
 
-    tpl = r.table(data, "templates")
-    r.check_keys(tpl, "templates", {"directory", "references_limit"})
-    tdir = Path(r.get(tpl, "templates.directory", str, "templates")).expanduser()
+    tpl = top.sub("templates")
+    tdir = Path(tpl.get("directory", str)).expanduser()
     template_dir = tdir if tdir.is_absolute() else config_dir / tdir
-    references_limit = r.positive(tpl, "templates.references_limit", int, 20)
+    references_limit = tpl.positive("references_limit", int)
     if references_limit < 2:
-        raise r.fail("templates.references_limit", "must be at least 2 (first and last id)")
+        raise tpl.fail("references_limit", "must be at least 2 (first and last id)")
 
-    accounts = _accounts(r, data, env, state_path, template_dir)
+    accounts = _accounts(top, env, state_path, template_dir)
 
-    outbound = _outbound(r, r.table(data, "outbound"), env, state_path)
-    outbox = _outbox(r, r.table(data, "outbox"))
-    smtp = _listener(r, r.table(data, "smtp"), "smtp", env, config_dir, 2525, True)
-    lmtp = _listener(r, r.table(data, "lmtp"), "lmtp", env, config_dir, 2424, False)
+    outbound = _outbound(top.sub("outbound", OutboundSettings), env, state_path)
+    outbox = _outbox(top.sub("outbox", OutboxSettings))
+    smtp = _listener(top, "smtp", env, config_dir)
+    lmtp = _listener(top, "lmtp", env, config_dir)
 
-    log = r.table(data, "log")
-    r.check_keys(log, "log", {"format", "level"})
-    log_format = r.choice(log, "log.format", ("kv", "json"), "kv")
-    log_level = r.choice(log, "log.level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
-    daemon = r.table(data, "daemon")
-    r.check_keys(daemon, "daemon", {"shutdown_timeout"})
-    shutdown_timeout = r.positive(daemon, "daemon.shutdown_timeout", float, 30.0)
-    hostname = r.get(data, "hostname", str, "mailrouter.invalid")
+    log = top.sub("log")
+    log_format = log.choice("format")
+    log_level = log.choice("level")
+    shutdown_timeout = top.sub("daemon").positive("shutdown_timeout", float)
+    hostname = top.get("hostname", str)
 
     return Settings(
         config_path=Path(file).resolve(),
@@ -303,11 +370,12 @@ def _resolve_sqlite_url(url: str, state_dir: Path) -> str:
 
 
 def _accounts(
-    r: _Reader, data: Mapping[str, Any], env: Mapping[str, str], state_path: Any, template_dir: Path
+    top: _Table, env: Mapping[str, str], state_path: Any, template_dir: Path
 ) -> tuple[AccountSettings, ...]:
-    raw = r.table(data, "accounts")
+    r = top.r
+    raw = top.table("accounts")
     if not raw:
-        raise r.fail("accounts", "no accounts configured (add an [accounts.NAME] table)")
+        raise top.fail("accounts", "no accounts configured (add an [accounts.NAME] table)")
     out: list[AccountSettings] = []
     seen: dict[str, str] = {}
     for name, acc in raw.items():
@@ -316,264 +384,163 @@ def _accounts(
             raise r.fail(key, f"expected a table, got {_kind(acc)}")
         if not _NAME_RE.match(name):
             raise r.fail(key, "account names use letters, digits, '.', '_' and '-'")
-        r.check_keys(acc, key, {"address", "display_name", "transfer", "delivery", "imap"})
-        address = r.get(acc, f"{key}.address", str, None)
+        a = _Table(r, acc, key, AccountSettings)
+        address = a.get("address", str, None)
         if address is None:
-            raise r.fail(f"{key}.address", "missing (the account's email address)")
+            raise a.fail("address", "missing (the account's email address)")
         address = address.strip().lower()
         if not _ADDRESS_RE.match(address):
-            raise r.fail(f"{key}.address", f"not an email address: {address!r}")
+            raise a.fail("address", f"not an email address: {address!r}")
         for other in (address, name.lower()):
             if other in seen:
-                raise r.fail(key, f"{other!r} is already used by account {seen[other]!r}")
+                raise a.fail("", f"{other!r} is already used by account {seen[other]!r}")
         seen[address] = seen[name.lower()] = name
-        display = r.get(acc, f"{key}.display_name", str, None)
+        display = a.get("display_name", str)
 
-        t = r.table(acc, f"{key}.transfer")
-        r.check_keys(t, f"{key}.transfer", {"enabled", "notify", "template"})
+        t = a.sub("transfer", TransferSettings)
         transfer = TransferSettings(
-            enabled=r.get(t, f"{key}.transfer.enabled", bool, False),
-            notify=r.get(t, f"{key}.transfer.notify", bool, False),
-            template=r.get(t, f"{key}.transfer.template", str, None),
+            enabled=t.get("enabled", bool),
+            notify=t.get("notify", bool),
+            template=t.get("template", str),
         )
         if transfer.notify:
             if not transfer.template:
-                raise r.fail(f"{key}.transfer.template", "notify = true needs a template name")
+                raise t.fail("template", "notify = true needs a template name")
             body = template_dir / f"{transfer.template}.txt.j2"
             if not body.is_file():
-                raise r.fail(
-                    f"{key}.transfer.template",
+                raise t.fail(
+                    "template",
                     f"template {transfer.template!r} not found: {body} does not exist",
                 )
 
-        delivery = _delivery(
-            r, r.table(acc, f"{key}.delivery"), f"{key}.delivery", name, address, env, state_path
-        )
-        imap_raw = acc.get("imap")
+        delivery = _delivery(a.sub("delivery", DeliverySettings), name, address, env, state_path)
         imap = None
-        if imap_raw is not None:
-            imap = _imap_watch(r, r.table(acc, f"{key}.imap"), f"{key}.imap", address, env)
+        if acc.get("imap") is not None:
+            imap = _imap_watch(a.sub("imap", ImapWatchSettings), address, env)
         out.append(AccountSettings(name, address, display, transfer, delivery, imap))
     return tuple(out)
 
 
 def _delivery(
-    r: _Reader,
-    d: Mapping[str, Any],
-    key: str,
-    name: str,
-    address: str,
-    env: Mapping[str, str],
-    state_path: Any,
+    d: _Table, name: str, address: str, env: Mapping[str, str], state_path: Any
 ) -> DeliverySettings:
-    r.check_keys(
-        d,
-        key,
-        {
-            "type",
-            "path",
-            "host",
-            "port",
-            "tls",
-            "user",
-            "password_file",
-            "password_env",
-            "password",
-            "mailbox",
-            "timeout",
-            "tls_ca_file",
-        },
-    )
-    typ = r.choice(d, f"{key}.type", ("maildir", "imap", "lmtp"), "maildir")
+    typ = d.choice("type")
     if typ == "maildir":
-        path = state_path(r.get(d, f"{key}.path", str, f"maildir/{name}"))
+        path = state_path(d.get("path", str, d.default("path").format(name=name)))
         return DeliverySettings(type="maildir", path=path)
-    default_port = {"imap": 143, "lmtp": 24}[typ]
-    tls = r.choice(d, f"{key}.tls", ("none", "starttls", "tls"), "none")
-    user = r.get(d, f"{key}.user", str, address if typ == "lmtp" else None)
-    password = r.secret(d, f"{key}.password", env)
+    tls = d.choice("tls")
+    # An LMTP recipient defaults to the account's address; an IMAP login has no default.
+    user = d.get("user", str, address) if typ == "lmtp" else d.get("user", str)
+    password = d.secret("password", env)
     if typ == "imap" and (user is None or password is None):
-        raise r.fail(key, "imap delivery needs user and password_file or password_env")
+        raise d.fail("", "imap delivery needs user and password_file or password_env")
     return DeliverySettings(
         type=typ,
-        host=r.get(d, f"{key}.host", str, "127.0.0.1"),
-        port=r.port(d, f"{key}.port", default_port),
+        host=d.get("host", str),
+        port=d.port("port", DeliverySettings.DEFAULT_PORTS[typ]),
         tls=tls,
         user=user,
         password=password,
-        mailbox=r.get(d, f"{key}.mailbox", str, "INBOX"),
-        timeout=r.positive(d, f"{key}.timeout", float, 30.0),
-        tls_ca_file=r.ca_file(d, f"{key}.tls_ca_file"),
+        mailbox=d.get("mailbox", str),
+        timeout=d.positive("timeout", float),
+        tls_ca_file=d.ca_file("tls_ca_file"),
     )
 
 
-def _imap_watch(
-    r: _Reader, d: Mapping[str, Any], key: str, address: str, env: Mapping[str, str]
-) -> ImapWatchSettings:
-    r.check_keys(
-        d,
-        key,
-        {
-            "host",
-            "port",
-            "tls",
-            "user",
-            "password_file",
-            "password_env",
-            "password",
-            "mailbox",
-            "routed_folder",
-            "poll_interval",
-            "idle_timeout",
-            "timeout",
-            "tls_ca_file",
-        },
-    )
-    password = r.secret(d, f"{key}.password", env)
+def _imap_watch(d: _Table, address: str, env: Mapping[str, str]) -> ImapWatchSettings:
+    password = d.secret("password", env)
     if password is None:
-        raise r.fail(key, "IMAP watching needs password_file or password_env")
-    idle = r.positive(d, f"{key}.idle_timeout", float, 25 * 60.0)
+        raise d.fail("", "IMAP watching needs password_file or password_env")
+    idle = d.positive("idle_timeout", float)
     if idle >= 29 * 60:
-        raise r.fail(f"{key}.idle_timeout", "must be below 29 minutes (RFC 2177 server limit)")
+        raise d.fail("idle_timeout", "must be below 29 minutes (RFC 2177 server limit)")
     return ImapWatchSettings(
-        host=r.get(d, f"{key}.host", str, "127.0.0.1"),
-        port=r.port(d, f"{key}.port", 143),
-        user=r.get(d, f"{key}.user", str, address),
+        host=d.get("host", str),
+        port=d.port("port"),
+        user=d.get("user", str, address),
         password=password,
-        tls=r.choice(d, f"{key}.tls", ("none", "starttls", "tls"), "none"),
-        mailbox=r.get(d, f"{key}.mailbox", str, "INBOX"),
-        routed_folder=r.get(d, f"{key}.routed_folder", str, "Routed"),
-        poll_interval=r.positive(d, f"{key}.poll_interval", float, 60.0),
+        tls=d.choice("tls"),
+        mailbox=d.get("mailbox", str),
+        routed_folder=d.get("routed_folder", str),
+        poll_interval=d.positive("poll_interval", float),
         idle_timeout=idle,
-        timeout=r.positive(d, f"{key}.timeout", float, 30.0),
-        tls_ca_file=r.ca_file(d, f"{key}.tls_ca_file"),
+        timeout=d.positive("timeout", float),
+        tls_ca_file=d.ca_file("tls_ca_file"),
     )
 
 
-def _outbound(
-    r: _Reader, d: Mapping[str, Any], env: Mapping[str, str], state_path: Any
-) -> OutboundSettings:
-    r.check_keys(
-        d,
-        "outbound",
-        {
-            "type",
-            "path",
-            "host",
-            "port",
-            "tls",
-            "user",
-            "password_file",
-            "password_env",
-            "password",
-            "timeout",
-            "helo_name",
-            "tls_ca_file",
-        },
-    )
-    typ = r.choice(d, "outbound.type", ("pickup", "smtp"), "pickup")
+def _outbound(d: _Table, env: Mapping[str, str], state_path: Any) -> OutboundSettings:
+    typ = d.choice("type")
     if typ == "pickup":
-        return OutboundSettings(
-            type="pickup", path=state_path(r.get(d, "outbound.path", str, "pickup"))
-        )
-    host = r.get(d, "outbound.host", str, "127.0.0.1")
-    tls = r.choice(d, "outbound.tls", ("none", "starttls", "tls"), "starttls")
+        return OutboundSettings(type="pickup", path=state_path(d.get("path", str)))
+    host = d.get("host", str)
+    tls = d.choice("tls")
     if tls == "none" and not is_loopback(host):
-        raise r.fail(
-            "outbound.tls", f"a non-loopback smarthost ({host}) needs tls = starttls or tls"
-        )
+        raise d.fail("tls", f"a non-loopback smarthost ({host}) needs tls = starttls or tls")
     return OutboundSettings(
         type="smtp",
         host=host,
-        port=r.port(d, "outbound.port", 25),
+        port=d.port("port"),
         tls=tls,
-        user=r.get(d, "outbound.user", str, None),
-        password=r.secret(d, "outbound.password", env),
-        timeout=r.positive(d, "outbound.timeout", float, 60.0),
-        helo_name=r.get(d, "outbound.helo_name", str, None),
-        tls_ca_file=r.ca_file(d, "outbound.tls_ca_file"),
+        user=d.get("user", str),
+        password=d.secret("password", env),
+        timeout=d.positive("timeout", float),
+        helo_name=d.get("helo_name", str),
+        tls_ca_file=d.ca_file("tls_ca_file"),
     )
 
 
-def _outbox(r: _Reader, d: Mapping[str, Any]) -> OutboxSettings:
-    r.check_keys(
-        d,
-        "outbox",
-        {"initial_backoff", "max_backoff", "lifetime", "batch", "lease", "poll_interval"},
-    )
+def _outbox(d: _Table) -> OutboxSettings:
     return OutboxSettings(
-        initial_backoff=r.positive(d, "outbox.initial_backoff", float, 30.0),
-        max_backoff=r.positive(d, "outbox.max_backoff", float, 3600.0),
-        lifetime=r.positive(d, "outbox.lifetime", float, 5 * 86400.0),
-        batch=r.positive(d, "outbox.batch", int, 50),
-        lease=r.positive(d, "outbox.lease", float, 300.0),
-        poll_interval=r.positive(d, "outbox.poll_interval", float, 5.0),
+        initial_backoff=d.positive("initial_backoff", float),
+        max_backoff=d.positive("max_backoff", float),
+        lifetime=d.positive("lifetime", float),
+        batch=d.positive("batch", int),
+        lease=d.positive("lease", float),
+        poll_interval=d.positive("poll_interval", float),
     )
 
 
-def _listener(
-    r: _Reader,
-    d: Mapping[str, Any],
-    name: str,
-    env: Mapping[str, str],
-    config_dir: Path,
-    default_port: int,
-    default_enabled: bool,
-) -> ListenerSettings:
-    r.check_keys(
-        d,
-        name,
-        {
-            "enabled",
-            "host",
-            "port",
-            "max_message_size",
-            "max_connections",
-            "tls_cert",
-            "tls_key",
-            "require_auth",
-            "auth_users",
-        },
-    )
-    host = r.get(d, f"{name}.host", str, "127.0.0.1")
-    require_auth = r.get(d, f"{name}.require_auth", bool, False)
-    users_raw = r.table(d, f"{name}.auth_users")
+def _listener(top: _Table, name: str, env: Mapping[str, str], config_dir: Path) -> ListenerSettings:
+    # [smtp] and [lmtp] differ only in their defaults, which Settings gives.
+    d = top.sub(name, ListenerSettings, defaults=top.default(name))
+    r = d.r
+    host = d.get("host", str)
+    require_auth = d.get("require_auth", bool)
     users: dict[str, Secret] = {}
-    for user, spec in users_raw.items():
-        ukey = f"{name}.auth_users.{user}"
+    for user, spec in d.table("auth_users").items():
+        ukey = d.full(f"auth_users.{user}")
         if not isinstance(spec, Mapping):
             raise r.fail(ukey, "expected a table with password_file or password_env")
-        r.check_keys(spec, ukey, {"password_file", "password_env", "password"})
+        r.check_keys(spec, ukey, secret_keys("password"))
         secret = r.secret(spec, f"{ukey}.password", env)
         if secret is None:
             raise r.fail(ukey, "needs password_file or password_env")
         users[user] = secret
 
     def cfg_path(key: str) -> Path | None:
-        v = r.get(d, key, str, None)
+        v = d.get(key, str)
         if v is None:
             return None
         p = Path(v).expanduser()
         return p if p.is_absolute() else config_dir / p
 
-    cert, keyf = cfg_path(f"{name}.tls_cert"), cfg_path(f"{name}.tls_key")
+    cert, keyf = cfg_path("tls_cert"), cfg_path("tls_key")
     if (cert is None) != (keyf is None):
-        raise r.fail(f"{name}.tls_cert", "tls_cert and tls_key go together")
-    enabled = r.get(d, f"{name}.enabled", bool, default_enabled)
+        raise d.fail("tls_cert", "tls_cert and tls_key go together")
+    enabled = d.get("enabled", bool)
     if enabled and not is_loopback(host) and not require_auth and name == "smtp":
         # An SMTP listener reachable from other hosts without AUTH is only safe behind a
         # firewall; make the operator say so explicitly rather than default into it.
-        raise r.fail(
-            f"{name}.host", f"listening on {host} (not loopback) needs require_auth = true"
-        )
+        raise d.fail("host", f"listening on {host} (not loopback) needs require_auth = true")
     if require_auth and not users:
-        raise r.fail(f"{name}.auth_users", "require_auth = true needs at least one user")
+        raise d.fail("auth_users", "require_auth = true needs at least one user")
     return ListenerSettings(
         enabled=enabled,
         host=host,
-        port=r.port(d, f"{name}.port", default_port),
-        max_message_size=r.positive(d, f"{name}.max_message_size", int, 25 * 1024 * 1024),
-        max_connections=r.positive(d, f"{name}.max_connections", int, 100),
+        port=d.port("port"),
+        max_message_size=d.positive("max_message_size", int),
+        max_connections=d.positive("max_connections", int),
         tls_cert=cert,
         tls_key=keyf,
         require_auth=require_auth,

@@ -1,7 +1,8 @@
 """The frozen settings objects every stage receives, and the one place their defaults live.
 
 Nothing in mailrouter reads the environment or the config file on its own: the loader
-builds a :class:`Settings` once, tests build their own.
+builds a :class:`Settings` once (its keys and defaults come from these fields), tests build
+their own.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import re
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -29,6 +31,26 @@ __all__ = [
 ]
 
 DEFAULT_STATE_DIR = "./var"
+
+_UNSET: Any = object()
+
+
+def _in_file(key: str | None = None, *, default: Any = _UNSET) -> dict[str, Any]:
+    """Field metadata for the loader, when the dataclass default is not the whole story.
+
+    ``key``: the field's dotted TOML key, if not its name.  ``default``: what a file that
+    does not set the field gets, if that is not the dataclass default: the TOML value for a
+    path the loader resolves (code must give the resolved one), or the defaults of a table.
+    """
+    meta: dict[str, Any] = {}
+    if key is not None:
+        meta["toml_key"] = key
+    if default is not _UNSET:
+        meta["file_default"] = default
+    return meta
+
+
+_NOT_IN_FILE: dict[str, Any] = {"toml_key": None}
 
 
 @dataclass(frozen=True)
@@ -57,9 +79,10 @@ class DeliverySettings:
     """Where mail owned by an account is put: a Maildir, an IMAP mailbox, or LMTP."""
 
     type: Literal["maildir", "imap", "lmtp"] = "maildir"
-    path: Path | None = None  # maildir
+    # maildir; in a file it defaults to maildir/NAME (the account's name) under the state dir
+    path: Path | None = field(default=None, metadata=_in_file(default="maildir/{name}"))
     host: str = "127.0.0.1"  # imap / lmtp
-    port: int = 0
+    port: int = 0  # in a file: DEFAULT_PORTS[type]
     tls: Literal["none", "starttls", "tls"] = "none"
     user: str | None = None  # imap login; lmtp recipient (defaults to the account address)
     password: Secret | None = None
@@ -67,14 +90,16 @@ class DeliverySettings:
     timeout: float = 30.0
     tls_ca_file: Path | None = None  # trust this CA (a private one) instead of the system's
 
+    DEFAULT_PORTS: ClassVar[Mapping[str, int]] = {"imap": 143, "lmtp": 24}
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class ImapWatchSettings:
     """Watch an account's IMAP mailbox for customer mail (IDLE, polling fallback)."""
 
-    host: str
-    port: int
-    user: str
+    host: str = "127.0.0.1"
+    port: int = 143
+    user: str  # in a file: the account's address
     password: Secret | None
     tls: Literal["none", "starttls", "tls"] = "none"
     mailbox: str = "INBOX"
@@ -87,7 +112,7 @@ class ImapWatchSettings:
 
 @dataclass(frozen=True)
 class AccountSettings:
-    name: str
+    name: str = field(metadata=_NOT_IN_FILE)  # the NAME of its [accounts.NAME] table
     address: str
     display_name: str | None = None
     transfer: TransferSettings = TransferSettings()
@@ -119,7 +144,8 @@ class OutboundSettings:
     """How mailrouter's own mail (notices, agent replies) leaves: a pickup dir or SMTP."""
 
     type: Literal["pickup", "smtp"] = "pickup"
-    path: Path | None = None
+    # pickup; in a file it defaults to pickup/ under the state directory
+    path: Path | None = field(default=None, metadata=_in_file(default="pickup"))
     host: str = "127.0.0.1"
     port: int = 25
     # A smarthost is reached over the network: encrypt unless told otherwise (the loader
@@ -146,21 +172,37 @@ class OutboxSettings:
 
 @dataclass(frozen=True)
 class Settings:
-    config_path: Path
-    state_dir: Path
-    database_url: str
-    auto_upgrade: bool
+    """Everything the daemon and the commands need, read once.
+
+    The first fields are required when code builds Settings (a test must say where its
+    state lives); the ``file_default`` beside each is what a config file that does not set
+    it gets, before the loader resolves relative paths.
+    """
+
+    config_path: Path = field(metadata=_NOT_IN_FILE)
+    state_dir: Path = field(metadata=_in_file(default=DEFAULT_STATE_DIR))
+    database_url: str = field(metadata=_in_file("database.url", default="sqlite:///mailrouter.db"))
+    auto_upgrade: bool = field(metadata=_in_file("database.auto_upgrade", default=True))
     accounts: tuple[AccountSettings, ...]
-    template_dir: Path
-    references_limit: int = 20
+    template_dir: Path = field(metadata=_in_file("templates.directory", default="templates"))
+    references_limit: int = field(default=20, metadata=_in_file("templates.references_limit"))
     outbound: OutboundSettings = OutboundSettings()
     outbox: OutboxSettings = OutboxSettings()
-    smtp: ListenerSettings = ListenerSettings()
-    lmtp: ListenerSettings = ListenerSettings()
-    log_format: Literal["kv", "json"] = "kv"
-    log_level: str = "INFO"
+    # Built in code, Settings listens nowhere; a config file gets an SMTP listener on 2525
+    # unless it says otherwise, and an LMTP one on 2424 once it enables it.
+    smtp: ListenerSettings = field(
+        default=ListenerSettings(),
+        metadata=_in_file(default=ListenerSettings(enabled=True, port=2525)),
+    )
+    lmtp: ListenerSettings = field(
+        default=ListenerSettings(), metadata=_in_file(default=ListenerSettings(port=2424))
+    )
+    log_format: Literal["kv", "json"] = field(default="kv", metadata=_in_file("log.format"))
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = field(
+        default="INFO", metadata=_in_file("log.level")
+    )
     hostname: str = "mailrouter.invalid"
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: float = field(default=30.0, metadata=_in_file("daemon.shutdown_timeout"))
 
     def account(self, name_or_address: str) -> AccountSettings:
         """The account named ``name_or_address`` (its name or its address), or KeyError."""
@@ -182,6 +224,68 @@ class Settings:
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields replaced (tests build variations this way)."""
         return replace(self, **changes)
+
+
+# --------------------------------------------------------------------------- the file's view
+# The loader asks these questions of the dataclasses instead of repeating keys and defaults.
+
+
+def toml_fields(cls: type) -> dict[str, Field[Any]]:
+    """The fields of ``cls`` by dotted TOML key (a field's name unless its metadata says
+    otherwise), leaving out those a file does not set."""
+    out: dict[str, Field[Any]] = {}
+    for f in fields(cls):
+        key = f.metadata.get("toml_key", f.name)
+        if key is not None:
+            out[key] = f
+    return out
+
+
+def toml_keys(cls: type, table: str = "") -> set[str]:
+    """The keys allowed in ``table`` of ``cls`` (``""``: the table ``cls`` itself reads).
+
+    ``Settings.database_url`` is keyed ``database.url``, so ``database`` is allowed at the
+    top and ``url`` in ``[database]``.  A Secret field ``password`` allows ``password_file``
+    and ``password_env``, and ``password`` itself so that an inline one is refused with a
+    hint rather than as an unknown key.
+    """
+    prefix = f"{table}." if table else ""
+    keys: set[str] = set()
+    for key, f in toml_fields(cls).items():
+        if key.startswith(prefix):
+            name = key[len(prefix) :].partition(".")[0]
+            secret = _hints(cls)[f.name] in (Secret, Secret | None)
+            keys |= secret_keys(name) if secret else {name}
+    return keys
+
+
+def secret_keys(name: str) -> set[str]:
+    """The keys a secret ``name`` may be given with (``name`` itself only to refuse it)."""
+    return {name, f"{name}_file", f"{name}_env"}
+
+
+def file_default(f: Field[Any]) -> Any:
+    """What a config file that does not set ``f`` gets: its ``file_default``, else its default."""
+    if "file_default" in f.metadata:
+        return f.metadata["file_default"]
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    raise LookupError(f"{f.name} has no default; the loader must give one")
+
+
+def choices(cls: type, f: Field[Any]) -> tuple[str, ...]:
+    """The values a ``Literal[...]`` field accepts, in the order the type lists them."""
+    hint = _hints(cls)[f.name]
+    if get_origin(hint) is not Literal:
+        raise TypeError(f"{cls.__name__}.{f.name} is not a Literal")
+    return get_args(hint)
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
 
 
 def client_ssl_context(ca_file: Path | None) -> ssl.SSLContext | None:
