@@ -11,7 +11,18 @@ from pathlib import Path
 import pytest
 
 from helpers import TEMPLATES
-from mailrouter.config import ConfigError, Settings, load, load_from_text
+from mailrouter.config import (
+    ConfigError,
+    DeliverySettings,
+    ImapWatchSettings,
+    ListenerSettings,
+    OutboundSettings,
+    OutboxSettings,
+    Secret,
+    Settings,
+    load,
+    load_from_text,
+)
 
 
 def valid(tmp_path: Path) -> str:
@@ -59,6 +70,35 @@ def test_valid_config_loads(tmp_path: Path) -> None:
     assert settings.account("support").transfer.enabled is False  # the default
 
 
+def test_tables_left_out_get_the_settings_defaults(tmp_path: Path) -> None:
+    """A file without [outbox], [smtp] or [lmtp] gets the defaults the dataclasses state."""
+    settings = load_from_text(valid(tmp_path), tmp_path / "mailrouter.toml", env={})
+    assert settings.outbox == OutboxSettings()
+    assert settings.smtp == ListenerSettings(enabled=True, port=2525)
+    assert settings.lmtp == ListenerSettings(port=2424)
+    assert (settings.references_limit, settings.log_format, settings.log_level) == (
+        20,
+        "kv",
+        "INFO",
+    )
+    assert (settings.hostname, settings.shutdown_timeout) == ("mailrouter.invalid", 30.0)
+
+
+def test_imap_and_lmtp_defaults_depend_on_the_account(tmp_path: Path) -> None:
+    """IMAP watching logs in as the account's address; LMTP delivers to it, on port 24."""
+    text = valid(tmp_path) + (
+        "  [accounts.support.imap]\n"
+        '  password_env = "MR_PW"\n'
+        "  [accounts.support.delivery]\n"
+        '  type = "lmtp"\n'
+    )
+    settings = load_from_text(text, tmp_path / "mailrouter.toml", env={"MR_PW": "pw"})
+    support = settings.account("support")
+    address = "support@example.test"
+    assert support.imap == ImapWatchSettings(user=address, password=Secret("env:MR_PW", "pw"))
+    assert support.delivery == DeliverySettings(type="lmtp", port=24, user=address)
+
+
 def test_wrong_type_names_key_and_expected_type(tmp_path: Path) -> None:
     """A value of the wrong type is reported with its key, the expected and the actual type."""
     text = valid(tmp_path).replace("enabled = true", 'enabled = "yes"')
@@ -82,6 +122,20 @@ def test_unknown_key_is_refused_with_the_allowed_ones(tmp_path: Path) -> None:
         line_of(text, 'adress = "support@example.test"'),
         "accounts.support.adress",
         "unknown key (expected one of: address, delivery, display_name, imap, transfer)",
+    )
+
+
+def test_unknown_key_hint_offers_a_secret_as_file_or_env(tmp_path: Path) -> None:
+    """A table with a password lists password_file and password_env among its keys."""
+    text = valid(tmp_path) + '\n[outbound]\ntype = "smtp"\npasword_env = "PW"\n'
+    err = config_error(tmp_path, text)
+    assert_error(
+        err,
+        tmp_path,
+        line_of(text, 'pasword_env = "PW"'),
+        "outbound.pasword_env",
+        "unknown key (expected one of: helo_name, host, password, password_env, "
+        "password_file, path, port, timeout, tls, tls_ca_file, type, user)",
     )
 
 
@@ -284,3 +338,26 @@ def test_tls_ca_file_resolves_next_to_config_and_must_exist(tmp_path: Path) -> N
             env={},
         )
     assert "outbound.tls_ca_file" in str(exc.value) and ":6:" in str(exc.value)
+
+
+# --------------------------------------------------------------------------- outbound
+
+
+@pytest.mark.parametrize("host", [None, "smtp.example.net"])
+def test_smtp_outbound_without_tls_key_uses_starttls(tmp_path: Path, host: str | None) -> None:
+    """type = "smtp" with no tls key means STARTTLS, loopback or not, as OutboundSettings says."""
+    text = valid(tmp_path) + '\n[outbound]\ntype = "smtp"\n'
+    if host is not None:
+        text += f'host = "{host}"\n'
+    settings = load_from_text(text, tmp_path / "mailrouter.toml", env={})
+    assert settings.outbound.type == "smtp"
+    assert settings.outbound.tls == "starttls"
+    assert OutboundSettings().tls == "starttls"  # the dataclass and the loader agree
+
+
+def test_pickup_outbound_is_only_its_directory(tmp_path: Path) -> None:
+    """A pickup outbound is type and path; the smarthost settings keep their defaults."""
+    text = valid(tmp_path) + '\n[outbound]\ntype = "pickup"\n'
+    settings = load_from_text(text, tmp_path / "mailrouter.toml", env={})
+    pickup = (tmp_path / "state").resolve() / "pickup"
+    assert settings.outbound == OutboundSettings(type="pickup", path=pickup)

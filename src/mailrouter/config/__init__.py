@@ -1,0 +1,38 @@
+"""Typed, frozen settings read once from a TOML file, with errors that name file, line and key.
+
+``settings`` holds the dataclasses and their defaults; ``loader`` reads and checks the file.
+"""
+
+from mailrouter.config.loader import ConfigError, load, load_from_text
+from mailrouter.config.settings import (
+    DEFAULT_STATE_DIR,
+    AccountSettings,
+    DeliverySettings,
+    ImapWatchSettings,
+    ListenerSettings,
+    OutboundSettings,
+    OutboxSettings,
+    Secret,
+    Settings,
+    TransferSettings,
+    client_ssl_context,
+    describe,
+)
+
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "AccountSettings",
+    "ConfigError",
+    "DeliverySettings",
+    "ImapWatchSettings",
+    "ListenerSettings",
+    "OutboundSettings",
+    "OutboxSettings",
+    "Secret",
+    "Settings",
+    "TransferSettings",
+    "client_ssl_context",
+    "describe",
+    "load",
+    "load_from_text",
+]
