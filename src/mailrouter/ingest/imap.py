@@ -21,7 +21,6 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailrouter.config import AccountSettings, ImapWatchSettings, client_ssl_context
@@ -40,7 +39,7 @@ from mailrouter.log import event
 from mailrouter.parse import format_id, parse_ids
 from mailrouter.pipeline import Accepted, Pipeline, StoreUnavailable
 from mailrouter.retry import backoff, wait_first, wait_unless_stopped
-from mailrouter.store.models import ImapState, Message, utcnow
+from mailrouter.store import imap_state
 
 __all__ = ["ImapWatcher"]
 
@@ -373,19 +372,10 @@ class ImapWatcher:
     def _load_state(self, uidvalidity: int) -> int:
         """The stored mark for this mailbox; a new UIDVALIDITY starts again from 0."""
         with self.p.db.write() as s:
-            row = s.get(ImapState, (self.account_id, self.cfg.mailbox))
-            if row is None:
-                s.add(
-                    ImapState(
-                        account_id=self.account_id,
-                        mailbox=self.cfg.mailbox,
-                        uidvalidity=uidvalidity,
-                        last_uid=0,
-                        updated_at=utcnow(),
-                    )
-                )
-                return 0
-            if row.uidvalidity != uidvalidity:
+            mark = imap_state.read_mark(s, self.account_id, self.cfg.mailbox)
+            if mark is not None and mark.uidvalidity == uidvalidity:
+                return mark.last_uid
+            if mark is not None:
                 # Every UID we knew is meaningless now.  Reading the whole mailbox again is
                 # safe: ingest recognises what it has already stored.
                 event(
@@ -394,26 +384,16 @@ class ImapWatcher:
                     logging.WARNING,
                     account=self.account.name,
                     mailbox=self.cfg.mailbox,
-                    old=row.uidvalidity,
+                    old=mark.uidvalidity,
                     new=uidvalidity,
-                    old_last_uid=row.last_uid,
+                    old_last_uid=mark.last_uid,
                 )
-                row.uidvalidity, row.last_uid, row.updated_at = uidvalidity, 0, utcnow()
-                return 0
-            return int(row.last_uid)
+            imap_state.reset_mark(s, self.account_id, self.cfg.mailbox, uidvalidity)
+            return 0
 
     def _save_uid(self, uid: int) -> None:
         with self.p.db.write() as s:
-            s.execute(
-                update(ImapState)
-                .where(
-                    ImapState.account_id == self.account_id,
-                    ImapState.mailbox == self.cfg.mailbox,
-                    ImapState.uidvalidity == self._uidvalidity,
-                    ImapState.last_uid < uid,
-                )
-                .values(last_uid=uid, updated_at=utcnow())
-            )
+            imap_state.advance_mark(s, self.account_id, self.cfg.mailbox, self._uidvalidity, uid)
         self._last_uid = max(self._last_uid, uid)
 
     def _belongs_elsewhere(self, result: Accepted) -> bool:
@@ -424,16 +404,8 @@ class ImapWatcher:
             # Read again after a crash between commit and MOVE: the stored row remembers
             # that it was routed away from this account.
             with self.p.db.read() as s:
-                row = s.execute(
-                    select(Message.account_id, Message.routed_to_account_id).where(
-                        Message.id == result.message_pk
-                    )
-                ).first()
-            return (
-                row is not None
-                and row.routed_to_account_id is not None
-                and row.routed_to_account_id != self.account_id
-            )
+                owner = imap_state.routed_to(s, result.message_pk)
+            return owner is not None and owner != self.account_id
         return False
 
 
