@@ -35,7 +35,7 @@ from mailrouter.imapclient import (
     search_uids,
     uidvalidity,
 )
-from mailrouter.log import event
+from mailrouter.log import event, kv
 from mailrouter.parse import format_id, parse_ids
 from mailrouter.pipeline import Accepted, Pipeline, StoreUnavailable
 from mailrouter.retry import backoff, wait_first, wait_unless_stopped
@@ -117,7 +117,8 @@ class ImapWatcher:
                 error = str(exc)
             except Exception as exc:
                 # A bug, not the network: keep the traceback, but the watcher goes on.
-                log.exception("imap watcher %s failed unexpectedly", self.account.name)
+                # (log.exception because event() cannot carry a traceback yet.)
+                log.exception(kv("imap-watcher-failed", {"account": self.account.name}))
                 error = f"{type(exc).__name__}: {exc}"
             finally:
                 if session is not None:
