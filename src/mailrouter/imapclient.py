@@ -30,10 +30,12 @@ from typing import Any, Literal, TypeVar
 
 import aioimaplib
 
+from mailrouter.config import DeliverySettings, ImapWatchSettings, Secret, client_ssl_context
 from mailrouter.log import event
 
 __all__ = [
     "ImapError",
+    "ImapServer",
     "ImapSession",
     "Tls",
     "connect",
@@ -53,6 +55,9 @@ log = logging.getLogger("mailrouter.imapclient")
 
 T = TypeVar("T")
 Tls = Literal["none", "starttls", "tls"]
+# Where and as whom to log in: an account's [delivery] table (APPEND) or its [imap] table
+# (the watcher) — both carry host, port, tls, user, password, timeout and tls_ca_file.
+ImapServer = DeliverySettings | ImapWatchSettings
 
 # LOGOUT on the way out is a courtesy: never let it hold up a shutdown or a reconnect.
 LOGOUT_TIMEOUT = 5.0
@@ -267,39 +272,42 @@ class ImapSession:
 
 
 async def connect(
-    host: str,
-    port: int,
+    server: ImapServer,
     *,
-    tls: Tls,
-    user: str,
-    password: str,
-    timeout: float,  # noqa: ASYNC109 - aioimaplib's per-command timeout, and ours per step
     ssl_context: ssl.SSLContext | None = None,
     on_untagged: Callable[[ImapSession, bytes], None] | None = None,
 ) -> ImapSession:
-    """A logged-in session, or an :class:`ImapError`; every step is bounded by ``timeout``.
+    """A session logged in to ``server``, or an :class:`ImapError`; every step is bounded by
+    ``server.timeout``, which also becomes aioimaplib's per-command timeout.
 
-    ``tls``: ``"tls"`` connects with TLS (IMAPS), ``"starttls"`` upgrades before LOGIN and
-    refuses to go on in clear text, ``"none"`` is for loopback.  ``ssl_context`` defaults to
-    the system trust store.  ``on_untagged`` sees every untagged line first (the watcher
-    ends a session on an untagged NO).  Close with :meth:`ImapSession.close`.
+    ``server.tls``: ``"tls"`` connects with TLS (IMAPS), ``"starttls"`` upgrades before LOGIN
+    and refuses to go on in clear text, ``"none"`` is for loopback.  Certificates are checked
+    with ``ssl_context`` if given, else against ``server.tls_ca_file`` if set, else against
+    the system trust store.
+    ``on_untagged`` sees every untagged line first (the watcher ends a session on an
+    untagged NO).  Close with :meth:`ImapSession.close`.
 
     A rejected LOGIN is logged at ERROR: the password is the operator's to fix, soon.
     """
-    if tls != "none" and ssl_context is None:
-        ssl_context = ssl.create_default_context()
+    tls, timeout = server.tls, server.timeout
+    if ssl_context is None and tls != "none":
+        ssl_context = client_ssl_context(server.tls_ca_file) or ssl.create_default_context()
     # IMAP4 with ssl_context rather than IMAP4_SSL: the same class for all three modes.
     client = aioimaplib.IMAP4(
-        host=host, port=port, timeout=timeout, ssl_context=ssl_context if tls == "tls" else None
+        host=server.host,
+        port=server.port,
+        timeout=timeout,
+        ssl_context=ssl_context if tls == "tls" else None,
     )
     # Taken over before the first await, so before the connection is made.
     session = ImapSession(client, timeout, on_untagged=on_untagged)
-    where = f"{host}:{port}"
+    where, user = f"{server.host}:{server.port}", server.user or ""
     try:
         await session.run(client.wait_hello_from_server(), f"connect {where}")
         if tls == "starttls":
             assert ssl_context is not None
-            await session._starttls(host, ssl_context)
+            await session._starttls(server.host, ssl_context)
+        password = server.password.get() if server.password is not None else ""
         # aioimaplib quotes the password but sends the user name as is.
         response = await session.run(client.login(quoted(user), password), "LOGIN")
         if response.result != "OK":
@@ -318,17 +326,23 @@ async def imap_connect(
     tls: Tls,
     user: str,
     password: str,
-    timeout: float,  # noqa: ASYNC109 - as in connect()
+    timeout: float,  # noqa: ASYNC109 - aioimaplib's per-command timeout, and ours per step
     *,
     ssl_context: ssl.SSLContext | None = None,
 ) -> Any:
     """A logged-in plain aioimaplib client (see :func:`connect`); close it with
     :func:`imap_disconnect`.  For code that drives aioimaplib itself: its awaits are no longer
     bounded, so prefer an :class:`ImapSession`."""
-    session = await connect(
-        host, port, tls=tls, user=user, password=password, timeout=timeout, ssl_context=ssl_context
+    server = DeliverySettings(
+        type="imap",
+        host=host,
+        port=port,
+        tls=tls,
+        user=user,
+        password=Secret("inline", password),
+        timeout=timeout,
     )
-    return session.client
+    return (await connect(server, ssl_context=ssl_context)).client
 
 
 async def imap_disconnect(client: Any, timeout: float) -> None:  # noqa: ASYNC109

@@ -12,19 +12,10 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any
 
-from mailrouter.config import DeliverySettings, client_ssl_context
+from mailrouter import imapclient
+from mailrouter.config import DeliverySettings
 from mailrouter.deliver.errors import PermanentDeliveryError, TemporaryDeliveryError
-from mailrouter.imapclient import (
-    ImapError,
-    ImapSession,
-    connect,
-    fetched_literals,
-    mailbox_arg,
-    quoted,
-    response_code,
-    response_text,
-    search_uids,
-)
+from mailrouter.imapclient import ImapError, ImapSession
 from mailrouter.log import event
 
 __all__ = ["deliver_imap"]
@@ -85,15 +76,7 @@ async def deliver_imap(
             risk="not the message's own Message-ID, duplicates cannot be detected later",
         )
     try:
-        session = await connect(
-            settings.host,
-            settings.port,
-            tls=settings.tls,
-            user=settings.user,
-            password=settings.password.get(),
-            timeout=settings.timeout,
-            ssl_context=client_ssl_context(settings.tls_ca_file),
-        )
+        session = await imapclient.connect(settings)
         try:
             await _append(session, settings, message, message_id, key, flags)
         finally:
@@ -113,7 +96,7 @@ async def _append(
 ) -> None:
     client = session.client
     name = settings.mailbox
-    mailbox = mailbox_arg(name)
+    mailbox = imapclient.mailbox_arg(name)
     response = await session.run(client.select(mailbox), f"SELECT {name}")
     if response.result == "OK":
         if key and await _already_there(session, key):
@@ -122,27 +105,35 @@ async def _append(
     else:
         # Dovecot answers a plain NO for a missing mailbox (no [NONEXISTENT]), so try
         # to create it; a new mailbox cannot hold a copy, so no search is needed.
-        await _create(session, name, response_text(response))
+        await _create(session, name, imapclient.response_text(response))
 
     append = client.append(message, mailbox=mailbox, flags=flags or None)
     response = await session.run(append, "APPEND")
-    if response.result == "NO" and response_code(response) == "TRYCREATE":
+    if response.result == "NO" and imapclient.response_code(response) == "TRYCREATE":
         # Deleted between SELECT and APPEND (RFC 3501 §6.3.11): create once, retry once.
-        await _create(session, name, response_text(response))
+        await _create(session, name, imapclient.response_text(response))
         append = client.append(message, mailbox=mailbox, flags=flags or None)
         response = await session.run(append, "APPEND")
     _classify_append(response, f"{settings.host}:{settings.port}", name)
-    event(log, "imap-appended", mailbox=name, msgid=message_id, reply=response_text(response))
+    event(
+        log,
+        "imap-appended",
+        mailbox=name,
+        msgid=message_id,
+        reply=imapclient.response_text(response),
+    )
 
 
 async def _create(session: ImapSession, name: str, why: str) -> None:
-    response = await session.run(session.client.create(mailbox_arg(name)), f"CREATE {name}")
+    response = await session.run(
+        session.client.create(imapclient.mailbox_arg(name)), f"CREATE {name}"
+    )
     if response.result == "OK":
         event(log, "imap-mailbox-created", mailbox=name)
         return
     # It exists but cannot be selected, or cannot be created: the account's setup is wrong
     # (name, permissions).  Temporary — see deliver_imap — and loud.
-    text = response_text(response)
+    text = imapclient.response_text(response)
     event(log, "imap-mailbox-unusable", logging.ERROR, mailbox=name, select=why, create=text)
     raise TemporaryDeliveryError(f"IMAP mailbox {name} unusable: {why}; CREATE: {text}")
 
@@ -151,12 +142,14 @@ async def _already_there(session: ImapSession, key: str) -> bool:
     """Whether the selected mailbox holds a message whose Message-ID is exactly ``key``."""
     client = session.client
     response = await session.run(
-        client.uid_search("HEADER", "Message-ID", quoted(key)), "UID SEARCH"
+        client.uid_search("HEADER", "Message-ID", imapclient.quoted(key)), "UID SEARCH"
     )
     if response.result != "OK":
         # Appending blindly could duplicate; the server is unwell anyway, so retry later.
-        raise TemporaryDeliveryError(f"IMAP UID SEARCH failed: {response_text(response)}")
-    uids = search_uids(response)
+        raise TemporaryDeliveryError(
+            f"IMAP UID SEARCH failed: {imapclient.response_text(response)}"
+        )
+    uids = imapclient.search_uids(response)
     if not uids:
         return False
     # SEARCH HEADER is a case-insensitive substring match: <a@b> also finds <A@B.c>.
@@ -164,18 +157,19 @@ async def _already_there(session: ImapSession, key: str) -> bool:
     fetch = client.uid("fetch", ",".join(map(str, uids)), "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
     response = await session.run(fetch, "UID FETCH")
     if response.result != "OK":
-        raise TemporaryDeliveryError(f"IMAP UID FETCH failed: {response_text(response)}")
+        raise TemporaryDeliveryError(f"IMAP UID FETCH failed: {imapclient.response_text(response)}")
     return any(
-        _id_core(_header(head, "Message-ID")) == key for head in fetched_literals(response).values()
+        _id_core(_header(head, "Message-ID")) == key
+        for head in imapclient.fetched_literals(response).values()
     )
 
 
 def _classify_append(response: Any, where: str, mailbox: str) -> None:
     if response.result == "OK":
         return
-    text = response_text(response)
+    text = imapclient.response_text(response)
     msg = f"IMAP {where} APPEND to {mailbox}: {response.result} {text}"
-    code = response_code(response)
+    code = imapclient.response_code(response)
     if response.result == "BAD" or code in _PERMANENT_CODES:
         # BAD: the server rejects our command as sent (size, syntax) — deterministic.
         raise PermanentDeliveryError(msg)

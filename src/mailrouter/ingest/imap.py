@@ -23,18 +23,9 @@ from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailrouter.config import AccountSettings, ImapWatchSettings, client_ssl_context
-from mailrouter.imapclient import (
-    ImapError,
-    ImapSession,
-    connect,
-    fetched_literals,
-    mailbox_arg,
-    response_code,
-    response_text,
-    search_uids,
-    uidvalidity,
-)
+from mailrouter import imapclient
+from mailrouter.config import AccountSettings, ImapWatchSettings
+from mailrouter.imapclient import ImapError, ImapSession
 from mailrouter.log import event, kv
 from mailrouter.parse import format_id, parse_ids
 from mailrouter.pipeline import Accepted, Pipeline, StoreUnavailable
@@ -150,19 +141,9 @@ class ImapWatcher:
 
     async def _connect(self, stop: asyncio.Event) -> ImapSession | None:
         """A logged-in session, or None if ``stop`` was set first."""
-        c = self.cfg
         # Every step of connect() is bounded by ``timeout``; only ``stop`` needs racing here.
         opening = asyncio.ensure_future(
-            connect(
-                c.host,
-                c.port,
-                tls=c.tls,
-                user=c.user,
-                password=c.password.get() if c.password else "",
-                timeout=c.timeout,
-                ssl_context=client_ssl_context(c.tls_ca_file),
-                on_untagged=_end_on_untagged_no,
-            )
+            imapclient.connect(self.cfg, on_untagged=_end_on_untagged_no)
         )
         await wait_first(opening, stop.wait(), seconds=None)
         if opening.cancelled():
@@ -172,9 +153,10 @@ class ImapWatcher:
     async def _select(self, session: ImapSession) -> None:
         """SELECT the mailbox, and compare its UIDVALIDITY with the one we stored."""
         resp = await session.ok(
-            session.client.select(mailbox_arg(self.cfg.mailbox)), f"SELECT {self.cfg.mailbox}"
+            session.client.select(imapclient.mailbox_arg(self.cfg.mailbox)),
+            f"SELECT {self.cfg.mailbox}",
         )
-        found = uidvalidity(resp)
+        found = imapclient.uidvalidity(resp)
         if found is None:
             raise ImapError(f"IMAP SELECT {self.cfg.mailbox}: server sent no UIDVALIDITY")
         self._uidvalidity = found
@@ -262,7 +244,7 @@ class ImapWatcher:
                 session.client.uid_search("UID", f"{low}:*", charset=None), f"UID SEARCH {low}:*"
             )
             # "n:*" always matches the highest UID, even one below n (RFC 3501 §6.4.8).
-            uids = sorted(u for u in search_uids(resp) if u > self._last_uid)
+            uids = sorted(u for u in imapclient.search_uids(resp) if u > self._last_uid)
             for uid in uids:
                 if stop.is_set():
                     return
@@ -311,16 +293,16 @@ class ImapWatcher:
             f"UID FETCH {uid}",
             limit=max(self.cfg.timeout, FETCH_DEADLINE),
         )
-        return fetched_literals(resp).get(uid)
+        return imapclient.fetched_literals(resp).get(uid)
 
     async def _move(self, session: ImapSession, uid: int) -> str | None:
         """Move ``uid`` into the routed folder (never delete); the folder is made on demand."""
         folder = self.cfg.routed_folder
         for attempt in (1, 2):
-            resp = await self._move_once(session, uid, mailbox_arg(folder))
+            resp = await self._move_once(session, uid, imapclient.mailbox_arg(folder))
             if resp.result == "OK":
                 return folder
-            if attempt == 1 and response_code(resp) == "TRYCREATE":
+            if attempt == 1 and imapclient.response_code(resp) == "TRYCREATE":
                 await self._create_folder(session, folder)
                 continue
             # The message is committed and its copy queued for the owner; leaving it where
@@ -333,7 +315,7 @@ class ImapWatcher:
                 account=self.account.name,
                 uid=uid,
                 folder=folder,
-                error=f"{resp.result} {response_text(resp)}",
+                error=f"{resp.result} {imapclient.response_text(resp)}",
             )
             return None
         return None
@@ -355,7 +337,7 @@ class ImapWatcher:
         return resp
 
     async def _create_folder(self, session: ImapSession, folder: str) -> None:
-        name = mailbox_arg(folder)
+        name = imapclient.mailbox_arg(folder)
         resp = await session.run(session.client.create(name), f"CREATE {folder}")
         if resp.result == "OK":
             event(log, "imap-folder-created", account=self.account.name, folder=folder)
