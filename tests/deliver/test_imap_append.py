@@ -12,12 +12,8 @@ import pytest
 
 from mailrouter.config import DeliverySettings, Secret
 from mailrouter.deliver.errors import TemporaryDeliveryError
-from mailrouter.deliver.imap_append import (
-    deliver_imap,
-    encode_mailbox,
-    imap_connect,
-    imap_disconnect,
-)
+from mailrouter.deliver.imap_append import deliver_imap
+from mailrouter.imapclient import encode_mailbox, imap_connect, imap_disconnect
 from servers import Dovecot, free_port
 
 SALES = "sales@example.test"
