@@ -23,7 +23,7 @@ from mailrouter.deliver.outbox import enqueue
 from mailrouter.errors import Refused
 from mailrouter.log import event
 from mailrouter.parse import ParsedMessage, format_id, parse
-from mailrouter.routing import Action, Decision, decide
+from mailrouter.routing import INTERNAL_ERROR, Action, Decision, decide
 from mailrouter.runtime import Runtime
 from mailrouter.store.inserts import add_message, add_recipients, insert_interaction
 from mailrouter.store.models import (
@@ -304,9 +304,10 @@ class Pipeline:
     ) -> Accepted:
         d = Decision(
             Action.HOLD,
-            "internal-error",
+            INTERNAL_ERROR.name,
             receiving[0],
             reason=f"internal error: {type(exc).__name__}: {exc}",
+            step=INTERNAL_ERROR.name,
         )
         seen = StoreView(session, self.accounts).existing(msg.message_id, msg.content_hash)
         if seen is not None:

@@ -10,14 +10,30 @@ from mailrouter.routing.decide import (
     RoutingView,
     decide,
 )
+from mailrouter.routing.names import (
+    ALL_RULES,
+    INTERNAL_ERROR,
+    NEW_INTERACTION_RULE,
+    Named,
+    Outcome,
+    describe_action,
+    describe_rule,
+)
 
 __all__ = [
     "ACTIONS",
+    "ALL_RULES",
+    "INTERNAL_ERROR",
+    "NEW_INTERACTION_RULE",
     "RULES",
     "Action",
     "Decision",
     "Facts",
+    "Named",
+    "Outcome",
     "RoutingRule",
     "RoutingView",
     "decide",
+    "describe_action",
+    "describe_rule",
 ]

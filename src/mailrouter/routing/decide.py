@@ -76,7 +76,7 @@ class Decision:
     matched_id: str | None = None
     reason: str | None = None
     existing_pk: int | None = None
-    step: str | None = None  # the routing rule that decided (see RULES)
+    step: str | None = None  # the routing rule that decided (see RULES), or internal-error
 
 
 class Facts:
