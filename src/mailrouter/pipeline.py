@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, assert_never
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -23,7 +23,7 @@ from mailrouter.deliver.outbox import enqueue
 from mailrouter.errors import Refused
 from mailrouter.log import event
 from mailrouter.parse import ParsedMessage, format_id, parse
-from mailrouter.routing.decide import Decision, decide
+from mailrouter.routing import INTERNAL_ERROR, Action, Decision, decide
 from mailrouter.runtime import Runtime
 from mailrouter.store.inserts import add_message, add_recipients, insert_interaction
 from mailrouter.store.models import (
@@ -220,17 +220,32 @@ class Pipeline:
         view = StoreView(session, self.accounts)
         d = decide(msg, receiving, view)
         ids = [self.accounts.id(n) for n in receiving]
-        if d.action == "duplicate":
-            return Accepted(d, d.existing_pk, d.interaction_id)
-        if d.action == "attach":
-            assert d.existing_pk is not None
-            have = view.existing(msg.message_id, msg.content_hash)
-            known = {self.accounts.id(n) for n in (have[1] if have else set())}
-            add_recipients(session, d.existing_pk, [a for a in ids if a not in known])
-            return Accepted(d, d.existing_pk, d.interaction_id)
-        if d.action == "hold":
-            return self._store_held(session, msg, ids, source, d)
+        match d.action:
+            case Action.DUPLICATE:
+                return Accepted(d, d.existing_pk, d.interaction_id)
+            case Action.ATTACH:
+                assert d.existing_pk is not None
+                have = view.existing(msg.message_id, msg.content_hash)
+                known = {self.accounts.id(n) for n in (have[1] if have else set())}
+                add_recipients(session, d.existing_pk, [a for a in ids if a not in known])
+                return Accepted(d, d.existing_pk, d.interaction_id)
+            case Action.HOLD:
+                return self._store_held(session, msg, ids, source, d)
+            case Action.DELIVER | Action.ROUTE:
+                return self._store_and_deliver(session, msg, ids, source, in_mailbox_of, d)
+            case _:
+                assert_never(d.action)
 
+    def _store_and_deliver(
+        self,
+        session: Session,
+        msg: ParsedMessage,
+        ids: list[int],
+        source: str,
+        in_mailbox_of: str | None,
+        d: Decision,
+    ) -> Accepted:
+        """Store the message in its interaction (a new one if need be) and queue delivery."""
         assert d.owner is not None and d.deliver_to is not None
         owner_id = self.accounts.id(d.owner)
         now = utcnow()
@@ -255,7 +270,7 @@ class Pipeline:
             recipients=ids,
             # Routed only when the owner was not among the recipients: a Cc to the old and
             # the new address reached the owner directly.
-            routed_to=owner_id if d.action == "route" else None,
+            routed_to=owner_id if d.action == Action.ROUTE else None,
             rule=d.rule,
             action=d.action,
         )
@@ -288,10 +303,11 @@ class Pipeline:
         exc: Exception,
     ) -> Accepted:
         d = Decision(
-            "hold",
-            "internal-error",
+            Action.HOLD,
+            INTERNAL_ERROR.name,
             receiving[0],
             reason=f"internal error: {type(exc).__name__}: {exc}",
+            step=INTERNAL_ERROR.name,
         )
         seen = StoreView(session, self.accounts).existing(msg.message_id, msg.content_hash)
         if seen is not None:
