@@ -29,6 +29,11 @@ class FakeView:
         self.calls["interactions_referencing"] += 1
         return {i: self.pointed_at[i] for i in ids if i in self.pointed_at}
 
+    def participants(self, interaction_id: int) -> set[str]:
+        """Every conversation's only participant is the customer :func:`mail` writes as."""
+        self.calls["participants"] += 1
+        return {"customer@example.net"}
+
     def owner_of(self, interaction_id: int) -> str:
         self.calls["owner_of"] += 1
         return self.owners[interaction_id]

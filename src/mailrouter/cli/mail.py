@@ -153,9 +153,8 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_explain(settings: Settings, args: argparse.Namespace) -> int:
     from mailrouter.ingest.replay import accounts_for
     from mailrouter.pipeline import Pipeline
-    from mailrouter.routing import ACTIONS
+    from mailrouter.routing import describe_action, describe_rule
     from mailrouter.runtime import opened
-    from mailrouter.threads import RULES
 
     raw = Path(args.file).read_bytes() if args.file != "-" else sys.stdin.buffer.read()
     accounts = [account(settings, args.account)] if args.account else accounts_for(raw, settings)
@@ -163,22 +162,15 @@ def cmd_explain(settings: Settings, args: argparse.Namespace) -> int:
         raise CommandError("no configured account among the recipients; give --account NAME")
     with opened(settings) as rt:
         msg, d = Pipeline(rt).explain(raw, accounts)
-    descriptions = {r.name: r.description for r in RULES}
-    descriptions.update(
-        {
-            "new-interaction": "nothing known matches: a new conversation",
-            "malformed": "the message cannot be routed",
-            "duplicate": "already stored",
-        }
-    )
     out = {
         **_decision_dict(args.file, d, d.interaction_id),
         "message_id": f"<{msg.message_id}>",
         "synthetic_id": msg.synthetic_id,
         "parents": [f"<{i}>" for i in msg.parents],
         "automatic": msg.automatic,
-        "why": descriptions.get(d.rule, d.rule),
-        "action_means": ACTIONS.get(d.action),
+        "why": describe_rule(d.rule),
+        "action_means": describe_action(d.action),
+        "step": d.step,
     }
     if args.json:
         print_json(out)
@@ -195,6 +187,7 @@ def cmd_explain(settings: Settings, args: argparse.Namespace) -> int:
             "owner",
             "action",
             "action_means",
+            "step",
             "deliver_to",
             "reason",
         ):

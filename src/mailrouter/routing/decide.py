@@ -109,7 +109,8 @@ class Facts:
     @cached_property
     def thread(self) -> Resolution:
         """Which interaction the message belongs to, by the thread rule chain."""
-        return resolve(self.msg, self._view)
+        # An identical stored copy makes the message's own Message-ID a strong signal.
+        return resolve(self.msg, self._view, identical=self.seen is not None)
 
     @property
     def owner(self) -> str | None:
@@ -195,7 +196,9 @@ class OwnerReceives:
         if found.interaction_id is None:
             # Whoever it was addressed to first opens the conversation and owns it.
             p = facts.primary
-            return Decision(Action.DELIVER, NEW_INTERACTION, p, None, p, p, step=self.name)
+            return Decision(
+                Action.DELIVER, NEW_INTERACTION, p, None, p, p, reason=found.note, step=self.name
+            )
         owner = facts.owner
         # Mail to several accounts the owner is among (a Cc to the old and the new address)
         # reaches the owner directly, once.
