@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from mailrouter.log import LogHandler
 from servers import *  # noqa: F403
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,3 +36,21 @@ def corpora() -> Path:
             pytest.fail(f"{CORPORA} is missing (CI must have ../shared)")
         pytest.skip(f"{CORPORA} not present")
     return CORPORA
+
+
+@pytest.fixture(autouse=True)
+def logging_restored() -> Iterator[None]:
+    """``mailrouter.cli.main`` configures logging for the process; undo it after each test.
+
+    Only mailrouter's own handler is taken off (pytest's capture handlers come and go per
+    phase and are pytest's business); levels and the warnings capture are put back.
+    """
+    root, ours = logging.getLogger(), logging.getLogger("mailrouter")
+    saved = [(logger, logger.level, logger.propagate) for logger in (root, ours)]
+    yield
+    for logger, level, propagate in saved:
+        for handler in [h for h in logger.handlers if isinstance(h, LogHandler)]:
+            logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+    logging.captureWarnings(False)

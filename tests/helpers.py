@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 from mailrouter.cli import main
 from mailrouter.config import Settings, load
 from mailrouter.ingest.replay import accounts_for
+from mailrouter.log import LogHandler
 from mailrouter.outbox import OutboxWorker
 from mailrouter.pipeline import Accepted, Pipeline
 from mailrouter.store.models import Message, Outbox, Transfer
@@ -237,18 +238,21 @@ def run_cli(settings: Settings, *args: str) -> tuple[int, str, str]:
     """``mailrouter -c <settings' file> ARGS`` in-process: (exit status, stdout, stderr).
 
     MAILROUTER_STATE_DIR is pinned to the settings' state dir (a developer's own value must
-    not leak in), and the ``mailrouter`` logger is restored afterwards: ``main`` points it at
-    the stderr of the moment, which would be stale for the next test.
+    not leak in), and logging is restored afterwards: ``main`` points its handler at the
+    stderr of the moment, which would be stale for the next call.
     """
-    logger = logging.getLogger("mailrouter")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
+    root, logger = logging.getLogger(), logging.getLogger("mailrouter")
+    saved = (logger.handlers[:], logger.level, logger.propagate, root.level)
     out, err = io.StringIO(), io.StringIO()
     env = {"MAILROUTER_STATE_DIR": str(settings.state_dir)}
     try:
         with mock.patch.dict(os.environ, env), redirect_stdout(out), redirect_stderr(err):
             code = main(["-c", str(settings.config_path), *args])
     finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
+        for handler in [h for h in root.handlers if isinstance(h, LogHandler)]:
+            root.removeHandler(handler)
+        logger.handlers[:], logger.level, logger.propagate, level = saved
+        root.setLevel(level)
     return code, out.getvalue(), err.getvalue()
 
 
