@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from helpers import make_settings, run_cli
 from mailrouter.log import FOREIGN_EVENT, LogHandler, event, setup_logging
 
 log = logging.getLogger("mailrouter.test")
@@ -155,3 +156,18 @@ def test_record_names_the_caller_not_the_helper() -> None:
         "test_log.py",
         "test_record_names_the_caller_not_the_helper",
     )
+
+
+def test_schema_upgrade_line_is_a_json_event(tmp_path: Path) -> None:
+    """The defect: `db upgrade` under JSON logged {"message": "event=schema-upgrade …"}."""
+    settings = make_settings(tmp_path)
+    code, _, err = run_cli(settings, "--log-format", "json", "db", "upgrade")
+    assert code == 0, err
+    objs = [json.loads(line) for line in err.splitlines()]
+    [upgrade] = [o for o in objs if o["event"] == "schema-upgrade"]
+    assert (upgrade["from"], upgrade["to"], upgrade["logger"]) == (
+        "empty",
+        "0001",
+        "mailrouter.store",
+    )
+    assert "message" not in upgrade

@@ -62,10 +62,17 @@ class Daemon:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception:  # noqa: BLE001 - event() logs it with exc_info
                 crashes += 1
                 pause = backoff(crashes, 1.0, 60.0)
-                log.exception("event=stage-crashed stage=%s restart_in=%.1fs", name, pause)
+                event(
+                    log,
+                    "stage-crashed",
+                    logging.ERROR,
+                    exc_info=True,
+                    stage=name,
+                    restart_in=round(pause, 1),
+                )
                 if await wait_unless_stopped(self.stop, pause):
                     return
 
@@ -130,7 +137,8 @@ class Daemon:
                 if self.worker is not None:
                     await self.worker.run_once(max_rounds=10)
         except TimeoutError:
-            log.warning("event=drain-timeout pending=%d", sum(not t.done() for t in self.tasks))
+            pending = sum(not t.done() for t in self.tasks)
+            event(log, "drain-timeout", logging.WARNING, pending=pending)
         for _, lst in self.listeners:
             lst.abort()
         for t in self.tasks:
