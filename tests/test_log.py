@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,31 @@ def test_schema_upgrade_line_is_a_json_event(tmp_path: Path) -> None:
         "mailrouter.store",
     )
     assert "message" not in upgrade
+
+
+class _RaisesWhenCollected:
+    def __del__(self) -> None:
+        raise ValueError("in a finaliser")
+
+
+def test_daemon_run_logs_what_python_would_print_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """daemon.run: an ignored finaliser error and an escaping exception are log events."""
+    from mailrouter import daemon
+
+    async def serve(self: daemon.Daemon) -> None:
+        _RaisesWhenCollected()  # collected at once: "Exception ignored in …"
+        raise RuntimeError("the loop died")
+
+    monkeypatch.setattr(daemon.Daemon, "serve", serve)
+    stream = io.StringIO()
+    setup_logging("json", "INFO", stream)
+    hook = sys.unraisablehook
+    assert daemon.run(make_settings(tmp_path)) == 1
+    assert sys.unraisablehook is hook  # put back once the daemon is done
+    ignored, crashed = _json_lines(stream)
+    assert (ignored["event"], ignored["level"]) == ("unraisable", "error")
+    assert "ValueError: in a finaliser" in ignored["exc"]
+    assert (crashed["event"], crashed["level"]) == ("crashed", "critical")
+    assert "RuntimeError: the loop died" in crashed["exc"]
