@@ -256,5 +256,14 @@ def run_cli(settings: Settings, *args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def subprocess_env(settings: Settings | None = None) -> dict[str, str]:
+    """The environment for a ``mailrouter`` subprocess: this one without any MAILROUTER_*
+    variable, and with MAILROUTER_STATE_DIR pinned to ``settings``' state dir if given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROUTER_")}
+    if settings is not None:
+        env["MAILROUTER_STATE_DIR"] = str(settings.state_dir)
+    return env
+
+
 def ids_in(rows: Sequence[Mapping[str, Any]]) -> list[int]:
     return [int(r["id"]) for r in rows]
