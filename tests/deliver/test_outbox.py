@@ -252,6 +252,12 @@ def test_backoff_doubles_until_the_cap_and_then_stays_there() -> None:
     assert bottom == [15.0, 30.0, 1800.0, 1800.0]
 
 
+def test_backoff_after_very_many_attempts_is_the_cap_not_an_overflow() -> None:
+    """2.0 ** 1024 raises OverflowError: a row retried that often still gets the cap."""
+    assert backoff(1025, 0.1, 1.0, _Top()) == 1.0
+    assert backoff(10**6, 30.0, 3600.0, _Top()) == 3600.0
+
+
 class _Top(random.Random):
     def uniform(self, a: float, b: float) -> float:
         return b
