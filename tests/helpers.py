@@ -27,6 +27,7 @@ from mailrouter.cli import main
 from mailrouter.config import Settings, load
 from mailrouter.deliver.outbox import OutboxWorker
 from mailrouter.ingest.replay import accounts_for
+from mailrouter.log import LogHandler
 from mailrouter.pipeline import Accepted, Pipeline
 from mailrouter.runtime import Runtime
 from mailrouter.store.models import Message, Outbox, Transfer
@@ -238,19 +239,31 @@ def run_cli(settings: Settings, *args: str) -> tuple[int, str, str]:
     """``mailrouter -c <settings' file> ARGS`` in-process: (exit status, stdout, stderr).
 
     MAILROUTER_STATE_DIR is pinned to the settings' state dir (a developer's own value must
-    not leak in), and the ``mailrouter`` logger is restored afterwards: ``main`` points it at
-    the stderr of the moment, which would be stale for the next test.
+    not leak in), and logging is restored afterwards: ``main`` points its handler at the
+    stderr of the moment, which would be stale for the next call.
     """
-    logger = logging.getLogger("mailrouter")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
+    root, logger = logging.getLogger(), logging.getLogger("mailrouter")
+    saved = (logger.handlers[:], logger.level, logger.propagate, root.level)
     out, err = io.StringIO(), io.StringIO()
     env = {"MAILROUTER_STATE_DIR": str(settings.state_dir)}
     try:
         with mock.patch.dict(os.environ, env), redirect_stdout(out), redirect_stderr(err):
             code = main(["-c", str(settings.config_path), *args])
     finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
+        for handler in [h for h in root.handlers if isinstance(h, LogHandler)]:
+            root.removeHandler(handler)
+        logger.handlers[:], logger.level, logger.propagate, level = saved
+        root.setLevel(level)
     return code, out.getvalue(), err.getvalue()
+
+
+def subprocess_env(settings: Settings | None = None) -> dict[str, str]:
+    """The environment for a ``mailrouter`` subprocess: this one without any MAILROUTER_*
+    variable, and with MAILROUTER_STATE_DIR pinned to ``settings``' state dir if given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROUTER_")}
+    if settings is not None:
+        env["MAILROUTER_STATE_DIR"] = str(settings.state_dir)
+    return env
 
 
 def ids_in(rows: Sequence[Mapping[str, Any]]) -> list[int]:

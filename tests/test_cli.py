@@ -7,7 +7,6 @@ Exit status (README "Command reference"): 0 done, 1 refused or failed (nothing c
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from helpers import (
     make_settings,
     pickup_messages,
     run_cli,
+    subprocess_env,
 )
 from mailrouter.config import Settings
 
@@ -377,7 +377,7 @@ def test_installed_command_runs_the_walkthrough(settings: Settings) -> None:
     exe = Path(sys.executable).parent / "mailrouter"
     if not exe.exists():
         pytest.skip(f"{exe} not installed (pip install -e .)")
-    env = {**os.environ, "MAILROUTER_STATE_DIR": str(settings.state_dir)}
+    env = subprocess_env(settings)
     base = [str(exe), "-c", str(settings.config_path)]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 
 from mailrouter.config import Settings
@@ -64,10 +65,17 @@ class Daemon:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception:  # noqa: BLE001 - event() logs it with exc_info
                 crashes += 1
                 pause = backoff(crashes, 1.0, 60.0)
-                log.exception("event=stage-crashed stage=%s restart_in=%.1fs", name, pause)
+                event(
+                    log,
+                    "stage-crashed",
+                    logging.ERROR,
+                    exc_info=True,
+                    stage=name,
+                    restart_in=round(pause, 1),
+                )
                 if await wait_unless_stopped(self.stop, pause):
                     return
 
@@ -133,7 +141,8 @@ class Daemon:
                 if self.worker is not None:
                     await self.worker.run_once(max_rounds=10)
         except TimeoutError:
-            log.warning("event=drain-timeout pending=%d", sum(not t.done() for t in self.tasks))
+            pending = sum(not t.done() for t in self.tasks)
+            event(log, "drain-timeout", logging.WARNING, pending=pending)
         for _, lst in self.listeners:
             lst.abort()
         for t in self.tasks:
@@ -156,6 +165,27 @@ class Daemon:
                 loop.remove_signal_handler(sig)
 
 
+def _log_unraisable(args: sys.UnraisableHookArgs) -> None:
+    # Python would print "Exception ignored in: …" and a traceback straight to stderr.
+    what = args.err_msg or "Exception ignored in"
+    event(log, "unraisable", logging.ERROR, exc_info=args.exc_value, error=what, where=args.object)
+
+
 def run(settings: Settings) -> int:
-    asyncio.run(Daemon(settings).serve())
+    """Serve until SIGTERM/SIGINT; 0 after a clean stop.
+
+    Everything the process would otherwise print on its own — an exception that escapes
+    the loop, an exception ignored in a finaliser — goes through the log as well, so a
+    JSON log stays one object per line from start to stop.
+    """
+    previous, sys.unraisablehook = sys.unraisablehook, _log_unraisable
+    try:
+        asyncio.run(Daemon(settings).serve())
+    except (StartupError, OSError):
+        raise  # the command line reports these as "cannot start"
+    except Exception:  # noqa: BLE001 - event() logs it with exc_info
+        event(log, "crashed", logging.CRITICAL, exc_info=True)
+        return 1
+    finally:
+        sys.unraisablehook = previous
     return 0

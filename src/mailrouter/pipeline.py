@@ -204,8 +204,10 @@ class Pipeline:
                 return self._apply(session, msg, receiving, source, in_mailbox_of)
         except SQLAlchemyError:
             raise  # the store's problem, not the message's: the caller retries or 451s
-        except Exception as exc:
-            log.exception("routing failed; holding message msgid=%s", format_id(msg.message_id))
+        except Exception as exc:  # noqa: BLE001 - event() logs it with exc_info
+            event(
+                log, "routing-crashed", logging.ERROR, exc_info=exc, msgid=format_id(msg.message_id)
+            )
             with session.begin_nested():
                 return self._hold_after_crash(session, msg, receiving, source, exc)
 

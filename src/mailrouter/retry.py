@@ -20,7 +20,10 @@ def backoff(attempts: int, initial: float, cap: float, rnd: random.Random | None
 
     The jitter (50–100 % of the step) keeps a burst of failures from retrying in lockstep.
     """
-    step = min(cap, initial * 2.0 ** max(0, attempts - 1))
+    # 2.0 ** 1024 raises OverflowError; a float product only becomes inf, which the cap
+    # absorbs.  So a row retried a thousand times (tiny initial, long lifetime) gets the cap.
+    doublings = min(max(0, attempts - 1), 1023)
+    step = min(cap, initial * 2.0**doublings)
     jitter: float = (rnd or random).uniform(0.5, 1.0)
     return step * jitter
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from helpers import subprocess_env
 from mailrouter.config import Settings, load_from_text
 from mailrouter.daemon import Daemon
 from mailrouter.store.models import Message
@@ -302,6 +303,7 @@ def test_run_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     cmd = [str(exe)] if exe.exists() else ["python", "-m", "mailrouter"]
     proc = subprocess.Popen(
         [*cmd, "-c", str(settings.config_path), "run"],
+        env=subprocess_env(settings),
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -18,6 +18,7 @@ from typing import Literal, TypeVar
 
 from mailrouter.config import DeliverySettings, client_ssl_context
 from mailrouter.deliver.errors import PermanentDeliveryError, TemporaryDeliveryError
+from mailrouter.log import event
 
 __all__ = ["LOST_REPLY_CODE", "deliver_lmtp", "lmtp_deliver"]
 
@@ -218,7 +219,7 @@ async def lmtp_deliver(
                 if rcpt not in replied:
                     results[rcpt] = (LOST_REPLY_CODE, lost)
             missing = ",".join(r for r in accepted if r not in replied)
-            log.warning("event=lmtp-reply-lost server=%s rcpts=%s", where, missing)
+            event(log, "lmtp-reply-lost", logging.WARNING, server=where, rcpts=missing)
             return results
         await _quit(conn)
         return results
@@ -262,7 +263,7 @@ async def deliver_lmtp(
     )
     code, text = results[rcpt]
     if 200 <= code < 300:
-        log.debug("event=lmtp-delivered rcpt=%s reply=%r", rcpt, f"{code} {text}")
+        event(log, "lmtp-delivered", logging.DEBUG, rcpt=rcpt, reply=f"{code} {text}")
         return
     msg = f"LMTP {settings.host}:{settings.port} <{rcpt}>: {code} {text}"
     if 500 <= code < 600:

@@ -259,8 +259,8 @@ class OutboxWorker:
             await self._attempt(job)
         except DeliveryError as exc:
             error = exc
-        except Exception as exc:
-            log.exception("outbox job %s crashed", job.id)
+        except Exception as exc:  # noqa: BLE001 - event() logs it with exc_info
+            event(log, "outbox-crashed", logging.ERROR, exc_info=True, job=job.id, kind=job.kind)
             error = DeliveryError(f"internal error: {type(exc).__name__}: {exc}")
         status: str = await self.rt.writes.submit(lambda s: self._finish_in(s, job, error))
         acc = self.settings.account(job.account)

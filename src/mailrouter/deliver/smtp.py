@@ -14,6 +14,7 @@ import aiosmtplib
 
 from mailrouter.config import OutboundSettings, client_ssl_context
 from mailrouter.deliver.errors import PermanentDeliveryError, TemporaryDeliveryError
+from mailrouter.log import event
 
 __all__ = ["send_smtp"]
 
@@ -107,13 +108,15 @@ async def send_smtp(
 
         out = {address: (r.code, r.message) for address, r in refused.items()}
         if out:
-            log.warning(
-                "event=smtp-partly-refused server=%s accepted=%d refused=%s",
-                where,
-                len(envelope_to) - len(out),
-                ",".join(f"{a}:{c}" for a, (c, _) in out.items()),
+            event(
+                log,
+                "smtp-partly-refused",
+                logging.WARNING,
+                server=where,
+                accepted=len(envelope_to) - len(out),
+                refused=",".join(f"{a}:{c}" for a, (c, _) in out.items()),
             )
-        log.info("event=smtp-sent server=%s rcpts=%d reply=%r", where, len(envelope_to), reply)
+        event(log, "smtp-sent", server=where, rcpts=len(envelope_to), reply=reply)
         transport = client.transport  # quit() forgets it; the finally clause still needs it
         with contextlib.suppress(*_NETWORK_ERRORS, aiosmtplib.SMTPResponseException):
             await client.quit()  # the message is accepted; a lost goodbye changes nothing
@@ -134,7 +137,7 @@ async def send_smtp(
 
 
 def _log_setup_failure(where: str, user: str | None, exc: Exception) -> None:
-    log.error("event=smtp-setup-failed server=%s user=%s error=%r", where, user, exc)
+    event(log, "smtp-setup-failed", logging.ERROR, server=where, user=user, error=str(exc))
 
 
 def _classify(

@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mailrouter import imapclient
 from mailrouter.config import AccountSettings, ImapWatchSettings
 from mailrouter.imapclient import ImapError, ImapSession
-from mailrouter.log import event, kv
+from mailrouter.log import event
 from mailrouter.parse import format_id, parse_ids
 from mailrouter.pipeline import Accepted, Pipeline, StoreUnavailable
 from mailrouter.retry import backoff, wait_first, wait_unless_stopped
@@ -106,10 +106,15 @@ class ImapWatcher:
                 clean = True
             except (ImapError, StoreUnavailable) as exc:
                 error = str(exc)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - logged with its traceback
                 # A bug, not the network: keep the traceback, but the watcher goes on.
-                # (log.exception because event() cannot carry a traceback yet.)
-                log.exception(kv("imap-watcher-failed", {"account": self.account.name}))
+                event(
+                    log,
+                    "imap-watcher-failed",
+                    logging.ERROR,
+                    exc_info=exc,
+                    account=self.account.name,
+                )
                 error = f"{type(exc).__name__}: {exc}"
             finally:
                 if session is not None:

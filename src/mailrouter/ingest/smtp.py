@@ -85,7 +85,7 @@ class IngestHandler:
                 envelope_sender=envelope.mail_from if envelope.mail_from != "<>" else "",
             )
         except StoreUnavailable as exc:
-            log.error("event=tempfail proto=%s error=%r", self.proto, str(exc))
+            event(log, "tempfail", logging.ERROR, proto=self.proto, error=str(exc))
             return self._per_recipient(envelope, TEMPFAIL)
         if self.on_accepted is not None:
             self.on_accepted()
@@ -101,7 +101,7 @@ class IngestHandler:
         return "\r\n".join(status for _ in envelope.rcpt_tos)
 
     async def handle_exception(self, error: Exception) -> str:
-        log.error("event=internal-error proto=%s", self.proto, exc_info=error)
+        event(log, "internal-error", logging.ERROR, exc_info=error, proto=self.proto)
         return TEMPFAIL
 
 

@@ -19,7 +19,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 
 from mailrouter.config import AccountSettings, Settings
-from mailrouter.notify.templates import notice_variables, render_notice, reply_subject
+from mailrouter.notify.templates import notice_variables, one_line, render_notice, reply_subject
 from mailrouter.parse import ParsedMessage
 
 __all__ = [
@@ -149,12 +149,6 @@ def _insert_after_date(head: bytes, lines: bytes) -> bytes:
     return head + b"\r\n" + lines
 
 
-def _one_line(text: str) -> str:
-    # Defence in depth against header injection: parse() and the templates already give
-    # one-line values, but a CR or LF reaching a header must never start a new field.
-    return " ".join(text.split())
-
-
 def _message_id(settings: Settings, interaction_id: int, account: AccountSettings) -> str:
     # The sending account's domain ties the id to the mailbox it came from; should that
     # domain not be writable in an id header (non-ASCII), fall back to our own hostname.
@@ -183,14 +177,14 @@ def _build(
     when = now or datetime.now(UTC)
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    subject = _one_line(subject)
+    subject = one_line(subject)
     # Name the recipient only when the name belongs to the address we write to: a From
     # name next to a Reply-To address (often a shared or a different mailbox) would lie.
     to_name = customer.from_name if to_address == customer.from_email else ""
 
     msg = EmailMessage(policy=_POLICY)
-    msg["From"] = Address(_one_line(account.display_name or ""), addr_spec=account.address)
-    msg["To"] = Address(_one_line(to_name), addr_spec=to_address)
+    msg["From"] = Address(one_line(account.display_name or ""), addr_spec=account.address)
+    msg["To"] = Address(one_line(to_name), addr_spec=to_address)
     msg["Subject"] = subject
     msg["Date"] = format_datetime(when.astimezone(UTC))
     if automatic:

@@ -27,6 +27,7 @@ __all__ = [
     "TemplateError",
     "check_templates",
     "notice_variables",
+    "one_line",
     "render_notice",
     "reply_subject",
 ]
@@ -82,8 +83,12 @@ def _environment(template_dir: Path) -> SandboxedEnvironment:
     )
 
 
-def _one_line(text: str) -> str:
-    """Collapse all whitespace, CR and LF included, into single spaces (header injection guard)."""
+def one_line(text: str) -> str:
+    """Collapse all whitespace, CR and LF included, into single spaces (header injection guard).
+
+    Parsing and the templates already give one-line values; this is defence in depth, so
+    that a CR or LF reaching a header never starts a new field.
+    """
     return " ".join(text.split())
 
 
@@ -146,7 +151,7 @@ def render_notice(template_dir: Path, name: str, variables: Mapping[str, object]
     if (template_dir / f"{name}.subject.j2").is_file():
         # A blank subject is treated as "no subject template" so the notice still gets the
         # threading-friendly default instead of an empty Subject.
-        line = _one_line(_render_file(env, template_dir, f"{name}.subject.j2", variables))
+        line = one_line(_render_file(env, template_dir, f"{name}.subject.j2", variables))
         subject = line or None
 
     html = None
@@ -157,7 +162,7 @@ def render_notice(template_dir: Path, name: str, variables: Mapping[str, object]
 
 def reply_subject(subject: str) -> str:
     """``Re: `` + the subject without its reply prefixes, on one line: never ``Re: Re:``."""
-    return _one_line(f"Re: {strip_reply_prefixes(_one_line(subject))}")
+    return one_line(f"Re: {strip_reply_prefixes(one_line(subject))}")
 
 
 def _account_name(account: AccountSettings) -> str:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from mailrouter.log import event
 from mailrouter.store.db import Database, SchemaError
 
 __all__ = ["current_revision", "ensure_schema", "head_revision", "upgrade"]
@@ -44,7 +46,8 @@ def upgrade(db: Database, revision: str = "head") -> tuple[str | None, str]:
         command.upgrade(cfg, revision)
     after = current_revision(db)
     if before != after:
-        log.info("event=schema-upgrade from=%s to=%s", before or "empty", after)
+        revisions: dict[str, Any] = {"from": before or "empty", "to": after}  # "from": a keyword
+        event(log, "schema-upgrade", **revisions)
     return before, after or ""
 
 

@@ -1,0 +1,268 @@
+"""The durable outbox against a real store and a real smarthost on loopback.
+
+A 5xx ends a row (failed, the reply kept, listed by ``mailrouter queue``); a 4xx backs off
+until the row's deadline and then gives up; a row a dead worker left ``sending`` is taken
+back once its lease runs out, and delivered once; and the backoff stays in its bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, select, text, update
+
+from helpers import (
+    accept,
+    config_text,
+    flush,
+    maildir_messages,
+    make_settings,
+    pipeline,
+    run_cli,
+    scenario,
+)
+from mailrouter.config import Settings, load
+from mailrouter.deliver.outbox import OutboxWorker
+from mailrouter.retry import backoff
+from mailrouter.runtime import Runtime
+from mailrouter.store.models import Outbox, OutboxKind, utcnow
+from mailrouter.transfer import transfer
+from servers import CaptureSmarthost
+
+CHAIRS = "chairs-quote"
+CUSTOMER = "anna.berg@customer.example"  # From: of 01-customer-asks.eml
+PICKUP = '[outbound]\ntype = "pickup"\npath = "pickup"\n'
+
+
+def smtp_settings(tmp_path: Path, host: CaptureSmarthost, outbox: str = "") -> Settings:
+    """The test accounts, notices sent over SMTP to ``host`` (sales notifies on transfer)."""
+    text_ = config_text(tmp_path)
+    assert PICKUP in text_
+    text_ = text_.replace(
+        PICKUP,
+        "[outbound]\n"
+        'type = "smtp"\n'
+        f'host = "{host.host}"\n'
+        f"port = {host.port}\n"
+        'tls = "none"\n'
+        "timeout = 10\n",
+    )
+    text_ += f"\n[outbox]\n{outbox}\n"
+    path = tmp_path / "mailrouter.toml"
+    path.write_text(text_, "utf-8")
+    return load(path, env={})
+
+
+def queue_a_notice(p: Runtime) -> Outbox:
+    """A customer mail to sales, delivered; its transfer to support queues one notice."""
+    first = accept(p, scenario(CHAIRS, "01-customer-asks.eml"), "sales")
+    assert first.interaction_id is not None
+    assert flush(p) == 1  # the delivery into sales' Maildir
+    transfer(p, first.interaction_id, "support", actor="bob")
+    [row] = rows(p, kind=OutboxKind.NOTIFY)
+    assert (row.status, row.attempts) == ("pending", 0)
+    return row
+
+
+def rows(p: Runtime, kind: OutboxKind | None = None) -> list[Outbox]:
+    with p.db.read() as s:
+        q = select(Outbox).order_by(Outbox.id)
+        if kind is not None:
+            q = q.where(Outbox.kind == kind.value)
+        out = list(s.scalars(q).unique())
+        s.expunge_all()
+        return out
+
+
+def row(p: Runtime, row_id: int) -> Outbox:
+    [found] = [r for r in rows(p) if r.id == row_id]
+    return found
+
+
+def set_row(p: Runtime, row_id: int, **values: object) -> None:
+    """Move a row's clock by hand: what the passing of time would do, without waiting."""
+    with p.db.write() as s:
+        s.execute(update(Outbox).where(Outbox.id == row_id).values(**values))
+
+
+def aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=utcnow().tzinfo)
+
+
+# --------------------------------------------------------------------------- 5xx
+
+
+def test_5xx_fails_the_row_for_good_and_queue_shows_the_reply(
+    tmp_path: Path, capture_smarthost: CaptureSmarthost
+) -> None:
+    """550 from the smarthost: status failed, last_error kept, listed by `queue`, no retry."""
+    settings = smtp_settings(tmp_path, capture_smarthost)
+    capture_smarthost.fail_next(550, "5.7.1 rejected by policy", at="data")
+    with pipeline(settings) as p:
+        notice = queue_a_notice(p)
+        assert flush(p) == 1
+        failed = row(p, notice.id)
+        assert (failed.status, failed.attempts) == ("failed", 1)
+        assert failed.last_error is not None and "550 5.7.1 rejected by policy" in failed.last_error
+        assert "gave up" not in failed.last_error  # permanent at once, not expired
+        assert flush(p) == 0  # a failed row is never attempted again
+    assert capture_smarthost.messages == []
+
+    code, out, err = run_cli(settings, "queue", "--json")
+    assert code == 0, err
+    [item] = json.loads(out)
+    assert (item["id"], item["kind"], item["status"], item["attempts"]) == (
+        notice.id,
+        "notify",
+        "failed",
+        1,
+    )
+    assert "550 5.7.1 rejected by policy" in item["last_error"]
+    assert item["next_attempt_at"] is None
+
+
+# --------------------------------------------------------------------------- deadline
+
+
+def test_4xx_past_the_deadline_gives_up_after_n_attempts(
+    tmp_path: Path, capture_smarthost: CaptureSmarthost
+) -> None:
+    """451, 451: retried until the deadline, then failed "gave up after 2 attempts"."""
+    # A lifetime shorter than the first backoff step: the retry is due at the deadline.
+    settings = smtp_settings(
+        tmp_path, capture_smarthost, "initial_backoff = 30\nmax_backoff = 60\nlifetime = 10"
+    )
+    capture_smarthost.fail_next(451, "4.7.1 greylisted, try again", count=2, at="data")
+    with pipeline(settings) as p:
+        notice = queue_a_notice(p)
+        assert flush(p) == 1
+        once = row(p, notice.id)
+        assert (once.status, once.attempts) == ("pending", 1)
+        assert once.last_error is not None and "451 4.7.1 greylisted" in once.last_error
+        assert aware(once.next_attempt_at) == aware(once.deadline)  # never beyond it
+        assert flush(p) == 0  # not due yet
+
+        # The deadline passes (moved back by hand rather than waited for).
+        past = utcnow() - timedelta(seconds=1)
+        set_row(p, notice.id, next_attempt_at=past, deadline=past)
+        assert flush(p) == 1
+        gone = row(p, notice.id)
+        assert (gone.status, gone.attempts) == ("failed", 2)
+        assert gone.last_error is not None
+        assert gone.last_error.startswith("gave up after 2 attempts: ")
+        assert "451 4.7.1 greylisted" in gone.last_error
+        assert flush(p) == 0
+    assert capture_smarthost.messages == []
+
+
+def test_4xx_before_the_deadline_backs_off_within_the_jitter_bounds(
+    tmp_path: Path, capture_smarthost: CaptureSmarthost
+) -> None:
+    """After a 451 the row waits 50-100 % of outbox.initial_backoff, then is sent."""
+    settings = smtp_settings(tmp_path, capture_smarthost, "initial_backoff = 40")
+    capture_smarthost.fail_next(451, "4.3.0 try later", at="rcpt")
+    with pipeline(settings) as p:
+        notice = queue_a_notice(p)
+        before = utcnow()
+        assert flush(p) == 1
+        after = utcnow()
+        waiting = row(p, notice.id)
+        assert waiting.status == "pending"
+        due = aware(waiting.next_attempt_at)
+        assert before + timedelta(seconds=20) <= due <= after + timedelta(seconds=40)
+
+        set_row(p, notice.id, next_attempt_at=utcnow())
+        assert flush(p) == 1
+        sent = row(p, notice.id)
+        assert (sent.status, sent.attempts, sent.last_error) == ("sent", 2, None)
+    [got] = capture_smarthost.messages
+    assert got.rcpt_tos == (CUSTOMER,)
+
+
+# --------------------------------------------------------------------------- lease
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
+    """The test accounts on SQLite, or on the session's PostgreSQL database (emptied)."""
+    settings = make_settings(tmp_path)
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("postgres_url")
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        engine.dispose()
+        settings = settings.with_(database_url=url)
+    yield settings
+
+
+def test_lease_of_a_dead_worker_is_reclaimed_and_delivered_once(store_settings: Settings) -> None:
+    """A row left `sending` is not touched while its lease runs; after, it is claimed again."""
+    with pipeline(store_settings) as p:
+        accept(p, scenario(CHAIRS, "01-customer-asks.eml"), "sales")
+        [queued] = rows(p)
+        # Worker A claims the row, delivers, and dies before recording the outcome.
+        dead = OutboxWorker(p)
+        [job] = dead.claim(10)
+        asyncio.run(dead._attempt(job))
+        claimed = row(p, queued.id)
+        assert (claimed.status, claimed.attempts) == ("sending", 1)
+        assert claimed.claimed_until is not None and aware(claimed.claimed_until) > utcnow()
+
+        survivor = OutboxWorker(p)
+        assert survivor.claim(10) == []  # the lease still holds
+        assert flush(p) == 0
+
+        set_row(p, queued.id, claimed_until=utcnow() - timedelta(seconds=1))  # lease expired
+        assert flush(p) == 1
+        done = row(p, queued.id)
+        assert (done.status, done.attempts, done.claimed_until) == ("sent", 2, None)
+    # Delivered by both workers, stored once: the Maildir name is the row's key.
+    assert len(maildir_messages(store_settings, "sales")) == 1
+
+
+# --------------------------------------------------------------------------- backoff
+
+
+@pytest.mark.parametrize(("initial", "cap"), [(30.0, 3600.0), (0.1, 5.0), (1.0, 60.0)])
+def test_backoff_is_50_to_100_percent_of_the_doubling_step_never_above_the_cap(
+    initial: float, cap: float
+) -> None:
+    """retry.backoff: step = initial * 2^(attempts-1) capped; the wait is within [step/2, step]."""
+    rnd = random.Random(1234)
+    for attempts in range(0, 30):
+        step = min(cap, initial * 2.0 ** max(0, attempts - 1))
+        waits = [backoff(attempts, initial, cap, rnd) for _ in range(200)]
+        assert all(step * 0.5 <= w <= step <= cap for w in waits), (attempts, step)
+        # Jitter really spreads the waits (a burst of failures must not retry in lockstep).
+        assert min(waits) < step * 0.6 and max(waits) > step * 0.9, (attempts, step)
+
+
+def test_backoff_doubles_until_the_cap_and_then_stays_there() -> None:
+    """The upper bound goes 30, 60, 120 … and stops at the cap, however many attempts."""
+    top = [backoff(a, 30.0, 3600.0, _Top()) for a in range(1, 12)]
+    assert top == [30.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0] + [3600.0] * 4
+    bottom = [backoff(a, 30.0, 3600.0, _Bottom()) for a in (1, 2, 8, 1000)]
+    assert bottom == [15.0, 30.0, 1800.0, 1800.0]
+
+
+def test_backoff_after_very_many_attempts_is_the_cap_not_an_overflow() -> None:
+    """2.0 ** 1024 raises OverflowError: a row retried that often still gets the cap."""
+    assert backoff(1025, 0.1, 1.0, _Top()) == 1.0
+    assert backoff(10**6, 30.0, 3600.0, _Top()) == 3600.0
+
+
+class _Top(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+class _Bottom(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return a
