@@ -638,3 +638,34 @@ def test_outbound_notice_message_id_threads_customer_reply(tmp_path: Path) -> No
         assert (r.decision.action, r.decision.deliver_to) == ("route", "billing")
         flush(p)
     assert maildir_messages(settings, "billing") == [trace(iid, "support@example.test") + raw]
+
+
+def test_no_notice_when_the_last_message_came_with_a_null_envelope_sender(
+    tmp_path: Path,
+) -> None:
+    """The classification stored at ingest (MAIL FROM:<>) decides, not a re-parse of the
+    raw bytes, which do not carry the envelope."""
+    from mailrouter.parse import parse
+    from mailrouter.pipeline import Pipeline
+
+    settings = make_settings(tmp_path)
+    question = scenario(CHAIRS, "01-customer-asks.eml")
+    with pipeline(settings) as p:
+        first = accept(p, question)
+        assert first.interaction_id is not None
+        # Looks like personal mail from the customer; only the envelope says "bounce".
+        answer = (
+            b"From: Alice <alice@customer.test>\nTo: sales@example.test\n"
+            b"Message-ID: <nullsender-1@customer.test>\n"
+            b"In-Reply-To: <" + parse(question).message_id.encode() + b">\n"
+            b"Subject: Re: chairs\n\nno bounce markers in here\n"
+        )
+        r = Pipeline(p).accept(
+            answer, [settings.account("sales")], source="test", envelope_sender=""
+        )
+        assert r.interaction_id == first.interaction_id
+        t = transfer(p, first.interaction_id, "support", actor="bob")
+        assert t.notification == "suppressed"
+        assert t.reason == "last customer message is automatic: null sender"
+        flush(p)
+    assert pickup_messages(settings) == []

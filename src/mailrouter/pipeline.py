@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, assert_never
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import case, delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -277,11 +277,23 @@ class Pipeline:
             action=d.action,
         )
         # New customer mail makes the conversation unread again (and reopens a closed one),
-        # but never changes its owner: only a transfer does (no automatic return).
+        # but never changes its owner: only a transfer does (no automatic return).  Only
+        # the customer's own mail becomes the one replies and notices answer: a colleague
+        # or stranger who joined by In-Reply-To must never receive the agent's reply.
+        senders = [a for a in (msg.from_email, msg.reply_to_email) if a] or [""]
+        from_customer = case(
+            (INTERACTIONS.c.customer_address.in_(senders), pk),
+            else_=INTERACTIONS.c.last_customer_message_pk,
+        )
         session.connection().execute(
             update(INTERACTIONS)
             .where(INTERACTIONS.c.id == iid)
-            .values(unread=True, status="open", last_activity_at=now, last_customer_message_pk=pk)
+            .values(
+                unread=True,
+                status="open",
+                last_activity_at=now,
+                last_customer_message_pk=from_customer,
+            )
         )
         if d.deliver_to == in_mailbox_of:
             return Accepted(d, pk, iid)

@@ -19,7 +19,11 @@ from mailrouter.notify import TemplateError, compose_notice, suppression_reason
 from mailrouter.parse import format_id, parse
 from mailrouter.runtime import Runtime
 from mailrouter.store.models import OutboxKind, Transfer, utcnow
-from mailrouter.store.queries import last_customer_raw, lock_interaction
+from mailrouter.store.queries import (
+    last_customer_raw,
+    latest_inbound_automatic,
+    lock_interaction,
+)
 
 __all__ = ["TransferRefused", "TransferResult", "transfer"]
 
@@ -95,7 +99,14 @@ def transfer(
         if source.transfer.notify and source.transfer.template:
             raw = last_customer_raw(s, interaction)
             customer = parse(raw) if raw is not None else None
-            why = suppression_reason(customer)
+            # Any automatic mail since (a bounce from MAILER-DAEMON, an auto-reply) means
+            # no notice: answering it mails a robot or starts a loop.
+            auto = latest_inbound_automatic(s, interaction.id)
+            why = (
+                f"last customer message is automatic: {auto}"
+                if auto
+                else suppression_reason(customer)
+            )
             if why is not None:
                 record.notification, record.notification_reason = "suppressed", why
             else:

@@ -81,3 +81,32 @@ def test_a_reply_to_a_stored_message_is_a_strong_signal(tmp_path: Path) -> None:
             alice.interaction_id,
             "in-reply-to",
         )
+
+
+def test_the_agents_reply_goes_to_the_customer_not_to_whoever_wrote_last(
+    tmp_path: Path,
+) -> None:
+    """A stranger joining by a guessed In-Reply-To does not become the reply's recipient."""
+    from helpers import flush, pickup_messages, raw_headers
+    from mailrouter.reply import reply
+
+    settings = make_settings(tmp_path)
+    with pipeline(settings) as p:
+        alice = accept(p, mail(CUSTOMER, b"Message-ID: <a1@customer.test>\n"))
+        joined = accept(
+            p,
+            mail(
+                STRANGER,
+                b"Message-ID: <m1@elsewhere.test>\nIn-Reply-To: <a1@customer.test>\n",
+                b"please send the quote to me instead\n",
+            ),
+        )
+        assert joined.interaction_id == alice.interaction_id  # a strong signal: it joins
+        assert alice.interaction_id is not None
+        sent = reply(p, alice.interaction_id, "Here is your quote.", agent="bob")
+        assert sent.to == ["alice@customer.test"]
+        flush(p)
+    (out,) = pickup_messages(settings)
+    headers = raw_headers(out)
+    assert headers["to"] == ["Alice <alice@customer.test>"]
+    assert headers["in-reply-to"] == ["<a1@customer.test>"]

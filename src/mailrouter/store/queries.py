@@ -25,6 +25,7 @@ __all__ = [
     "StoreView",
     "accounts_in_sync",
     "last_customer_raw",
+    "latest_inbound_automatic",
     "lock_interaction",
     "sync_accounts",
 ]
@@ -47,6 +48,20 @@ def last_customer_raw(session: Session, interaction: Interaction) -> bytes | Non
         return None
     return session.scalar(
         select(Message.raw).where(Message.id == interaction.last_customer_message_pk)
+    )
+
+
+def latest_inbound_automatic(session: Session, interaction_id: int) -> str | None:
+    """The stored automatic-mail classification of the interaction's latest inbound message.
+
+    The classification made at ingest (with the envelope sender, which the raw bytes do
+    not carry) decides, not a re-parse.
+    """
+    return session.scalar(
+        select(Message.automatic)
+        .where(Message.interaction_id == interaction_id, Message.direction == "inbound")
+        .order_by(Message.id.desc())
+        .limit(1)
     )
 
 
