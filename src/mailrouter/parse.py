@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.header import Header, decode_header, make_header
@@ -20,6 +21,7 @@ from email.policy import compat32
 from email.utils import getaddresses, parseaddr, parsedate_to_datetime
 
 __all__ = [
+    "MAX_REFERENCES",
     "ParsedMessage",
     "automatic_reason",
     "content_hash",
@@ -28,9 +30,21 @@ __all__ = [
     "parse",
     "parse_ids",
     "strip_reply_prefixes",
+    "trim_references",
 ]
 
 MAX_ID_LEN = 998
+# The References ids kept of a message: the first (the thread root) and the last 99 (the
+# nearest ancestors), as netnews trims (RFC 5537 §3.4.4) and notices already do.
+# Threading needs no more: the References rule takes the nearest stored ancestor, and the
+# messages of a conversation that passed through here are stored, so one is normally among
+# the last few ids (an agent's reply sent around mailrouter is a gap of one); the root
+# catches the rest.  The longest References in ../shared/corpora has 13 ids.  Without a
+# cap, a legal 1.6 MB message naming 40,000 ids wrote 40,000 message_refs rows and looked
+# up 40,000-id IN lists on the single writer thread, holding the write lock; with it a
+# message writes at most 101 rows and a look-up binds at most 102 ids (below the 999
+# variables older SQLite builds allow).
+MAX_REFERENCES = 100
 SYNTHETIC_DOMAIN = "synthetic.mailrouter.invalid"
 
 # Added by transport on the way in: two deliveries of the same message differ only here,
@@ -104,7 +118,6 @@ def parse_ids(value: object) -> list[str]:
         return []
     text = str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     text = text.replace("\r", "").replace("\n", "")
-    out: list[str] = []
     bracketed = _ANGLE_RE.findall(text)
     # No complete <...>: whitespace/comma separated tokens that look like ids.  A token with
     # an opening bracket and no closing one was cut off (HyperKitty's ``<2007…@example``
@@ -112,11 +125,27 @@ def parse_ids(value: object) -> list[str]:
     # whose id happens to be the prefix, and notices would copy it into References.
     # HyperKitty drops it too.
     candidates = bracketed or [t for t in re.split(r"[\s,]+", text) if "@" in t and "<" not in t]
+    # One pass; a dict keeps first-seen order and dedupes in constant time per id (a list
+    # membership test made a 40,000-id References quadratic).
+    seen: dict[str, None] = {}
     for cand in candidates:
         cleaned = _clean_id(cand)
-        if cleaned and cleaned not in out:
-            out.append(cleaned)
-    return out
+        if cleaned:
+            seen[cleaned] = None
+    return list(seen)
+
+
+def trim_references(ids: Sequence[str], limit: int) -> list[str]:
+    """``ids`` if there are at most ``limit``, else the first and the last ``limit - 1``.
+
+    How a long References is trimmed (RFC 5537 §3.4.4 keeps the first and the last ids):
+    the first id is the thread root, the last ones are the nearest ancestors.
+    """
+    if limit < 2:
+        raise ValueError(f"references limit must be at least 2 (first and last id), got {limit}")
+    if len(ids) <= limit:
+        return list(ids)
+    return [ids[0], *ids[len(ids) - (limit - 1) :]]
 
 
 def format_id(bare: str) -> str:
@@ -204,6 +233,12 @@ def automatic_reason(msg: Message, envelope_sender: str | None = None) -> str | 
 
 @dataclass(frozen=True)
 class ParsedMessage:
+    """The facts routing needs of one message, as :func:`parse` read them.
+
+    ``parse()`` keeps one ``in_reply_to`` id and at most :data:`MAX_REFERENCES`
+    ``references``, so ``parents`` and everything stored or looked up from it is bounded.
+    """
+
     raw: bytes
     headers: Message = field(repr=False)
     message_id: str
@@ -219,15 +254,15 @@ class ParsedMessage:
     content_hash: str
     automatic: str | None
     problem: str | None  # why it cannot be routed (held), or None
+    # Ids this message replies to, nearest first: In-Reply-To, then References last→first,
+    # without repeats or its own id.  Computed once, when parsed: resolution and the insert
+    # read it on the writer thread, where no message may cost more than its share.
+    parents: list[str] = field(init=False, repr=False)
 
-    @property
-    def parents(self) -> list[str]:
-        """Ids this message replies to, nearest first: In-Reply-To, then References last→first."""
-        out: list[str] = []
-        for mid in [*self.in_reply_to, *reversed(self.references)]:
-            if mid != self.message_id and mid not in out:
-                out.append(mid)
-        return out
+    def __post_init__(self) -> None:
+        nearest = dict.fromkeys([*self.in_reply_to, *reversed(self.references)])
+        nearest.pop(self.message_id, None)
+        object.__setattr__(self, "parents", list(nearest))
 
     @property
     def from_display(self) -> str:
@@ -263,7 +298,10 @@ def parse(raw: bytes, envelope_sender: str | None = None) -> ParsedMessage:
     synthetic = not own
     message_id = own[0] if own else f"{digest[:40]}@{SYNTHETIC_DOMAIN}"
     in_reply_to = parse_ids(msg.get("In-Reply-To"))
-    references = parse_ids(" ".join(str(v) for v in msg.get_all("References") or []))
+    # Repeated References fields are joined (some clients split a long one), then trimmed.
+    references = trim_references(
+        parse_ids(" ".join(str(v) for v in msg.get_all("References") or [])), MAX_REFERENCES
+    )
 
     from_name, from_email = _address(msg.get("From"))
     _rn, reply_to = _address(msg.get("Reply-To"))

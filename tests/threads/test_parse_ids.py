@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from mailrouter.ingest.replay import split_mbox
-from mailrouter.parse import SYNTHETIC_DOMAIN, ParsedMessage, parse, parse_ids
+from mailrouter.parse import (
+    MAX_REFERENCES,
+    SYNTHETIC_DOMAIN,
+    ParsedMessage,
+    parse,
+    parse_ids,
+    trim_references,
+)
 
 GITLAB_KEY = "59d8df8370b7e95c5a49fbf86aeb2c93"
 HYPERKITTY_PARENT = "200704070053.46646.other.person@example.com"
@@ -269,3 +277,99 @@ def test_own_id_is_never_its_own_parent() -> None:
     """A message whose References include its own Message-ID does not list itself as parent."""
     msg = parse(b"Message-ID: <x@y>\nIn-Reply-To: <x@y>\nReferences: <a@b> <x@y>\n\nbody\n")
     assert msg.parents == ["a@b"]
+
+
+# ---------------------------------------------------------------------------- long id lists
+
+HOSTILE = 40_000  # ids in the probe that took 16 s to parse before ids were parsed linearly
+
+
+def hostile_ids(n: int = HOSTILE) -> list[str]:
+    return [f"ancestor-{k:06d}@hostile.example" for k in range(n)]
+
+
+def folded(name: str, ids: list[str]) -> bytes:
+    return (f"{name}: " + "\r\n ".join(f"<{i}>" for i in ids) + "\r\n").encode()
+
+
+def with_headers(fields: bytes) -> bytes:
+    return b"Message-ID: <probe@hostile.example>\r\n" + fields + b"Subject: x\r\n\r\nbody\r\n"
+
+
+def test_long_references_keep_the_root_and_the_nearest_ancestors() -> None:
+    """40,000 References ids: the first (the root) and the last MAX_REFERENCES - 1 are kept."""
+    ids = hostile_ids()
+    msg = parse(with_headers(folded("References", ids)))
+    assert msg.references == [ids[0], *ids[-(MAX_REFERENCES - 1) :]]
+    assert msg.parents == msg.references[::-1]
+    assert msg.parents[0] == ids[-1]
+    assert msg.parents[-1] == ids[0]
+
+
+def test_references_at_the_cap_are_kept_whole() -> None:
+    """Exactly MAX_REFERENCES ids lose none; one more loses the second id."""
+    ids = hostile_ids(MAX_REFERENCES + 1)
+    assert parse(with_headers(folded("References", ids[:-1]))).references == ids[:-1]
+    assert parse(with_headers(folded("References", ids))).references == [ids[0], *ids[2:]]
+
+
+def test_one_references_field_per_id_is_trimmed_like_one_field() -> None:
+    """40,000 ``References:`` fields, one id each, are joined and then trimmed the same way."""
+    ids = hostile_ids()
+    fields = b"".join(f"References: <{i}>\r\n".encode() for i in ids)
+    assert parse(with_headers(fields)).references == [ids[0], *ids[-(MAX_REFERENCES - 1) :]]
+
+
+def test_long_in_reply_to_keeps_only_its_first_id() -> None:
+    """40,000 In-Reply-To ids: the first is the parent, the rest are ignored."""
+    ids = hostile_ids()
+    msg = parse(with_headers(folded("In-Reply-To", ids)))
+    assert msg.in_reply_to == [ids[0]]
+    assert msg.parents == [ids[0]]
+
+
+def test_repeats_are_dropped_before_trimming() -> None:
+    """40,000 copies of three ids yield the three, in first-seen order."""
+    value = " ".join(["<c@x>", "<a@x>", "<b@x>"] * (HOSTILE // 3))
+    assert parse_ids(value) == ["c@x", "a@x", "b@x"]
+    assert parse(with_headers(f"References: {value}\r\n".encode())).references == [
+        "c@x",
+        "a@x",
+        "b@x",
+    ]
+
+
+class CountingId(str):
+    """An id that counts its equality comparisons (its hash stays str's)."""
+
+    comparisons = 0
+
+    def __eq__(self, other: object) -> bool:
+        CountingId.comparisons += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_parents_are_deduplicated_without_comparing_ids_pairwise() -> None:
+    """Deduplicating n parents compares ids at most about n times, not n²/2 (a list ``in``)."""
+    msg = parse(with_headers(b"References: <a@x>\r\n"))
+    ids: list[str] = [CountingId(i) for i in hostile_ids(2_000)]
+    CountingId.comparisons = 0
+    reparsed = dataclasses.replace(msg, references=ids)
+    assert reparsed.parents == ids[::-1]
+    assert CountingId.comparisons <= len(ids)
+
+
+def test_parents_are_computed_once() -> None:
+    """``parents`` is a value, not a recomputation on every read."""
+    msg = parse(with_headers(folded("References", hostile_ids(3))))
+    assert msg.parents is msg.parents
+
+
+def test_trim_references_keeps_first_and_last() -> None:
+    """``trim_references`` is the rule notices use too: first id, then the last limit - 1."""
+    assert trim_references(["a", "b", "c", "d", "e"], 3) == ["a", "d", "e"]
+    assert trim_references(["a", "b"], 3) == ["a", "b"]
+    with pytest.raises(ValueError, match="at least 2"):
+        trim_references(["a", "b", "c"], 1)

@@ -20,7 +20,7 @@ from email.utils import format_datetime
 
 from mailrouter.config import AccountSettings, Settings
 from mailrouter.notify.templates import notice_variables, one_line, render_notice, reply_subject
-from mailrouter.parse import ParsedMessage
+from mailrouter.parse import ParsedMessage, trim_references
 
 __all__ = [
     "Composed",
@@ -93,23 +93,21 @@ def reply_threading(parent: ParsedMessage, limit: int) -> tuple[str, list[str]]:
     parent's own Message-ID, without duplicates.  Longer than ``limit`` ids, it keeps the
     first id (the thread root) and the last ``limit - 1`` (the nearest ancestors), as
     RFC 5322 §3.6.4 suggests.  In-Reply-To is "" only when the parent's own id cannot be
-    written (not printable ASCII, or too long for a header line).
+    written (not printable ASCII, or too long for a header line).  ``parse()`` already kept
+    at most ``MAX_REFERENCES`` of the parent's ids: a limit above that plus one keeps no more.
     """
-    if limit < 2:
-        raise ValueError(f"references limit must be at least 2 (first and last id), got {limit}")
     own = parent.message_id
-    chain: list[str] = []
-    for mid in parent.references or parent.in_reply_to:
-        if mid != own and mid not in chain and _writable(mid):
-            chain.append(mid)
+    chain = [
+        mid
+        for mid in dict.fromkeys(parent.references or parent.in_reply_to)
+        if mid != own and _writable(mid)
+    ]
     in_reply_to = own if _writable(own) else ""
     if in_reply_to:
         # The parent's own id always comes last, even if a confused client listed it in
         # its own References earlier on.
         chain.append(own)
-    if len(chain) > limit:
-        chain = [chain[0], *chain[-(limit - 1) :]]
-    return in_reply_to, chain
+    return in_reply_to, trim_references(chain, limit)
 
 
 def _id_header_lines(message_id: str, in_reply_to: str, references: list[str]) -> bytes:

@@ -72,6 +72,7 @@ def add_message(
             message_id=msg.message_id,
             synthetic_id=msg.synthetic_id,
             in_reply_to=" ".join(format_id(i) for i in msg.in_reply_to) or None,
+            # The References text as trimmed by parse(); the header itself stays in raw.
             references=" ".join(format_id(i) for i in msg.references) or None,
             from_addr=msg.from_display or None,
             reply_to=msg.reply_to_email or None,
@@ -90,6 +91,8 @@ def add_message(
             received_at=utcnow(),
         ),
     )
+    # Bounded: parse() keeps at most MAX_REFERENCES + 1 parents however many ids the
+    # headers name, so a hostile References cannot make one insert hold the write lock long.
     refs = [{"message_pk": pk, "position": n, "ref_id": r} for n, r in enumerate(msg.parents)]
     if refs:
         conn.execute(_INSERT_REF, refs)
