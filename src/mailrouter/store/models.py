@@ -1,8 +1,9 @@
 """SQLAlchemy models: accounts, interactions, messages, transfers, the outbox, IMAP state.
 
-Message-IDs are stored bare (no angle brackets).  ``message_refs`` keeps every id a message
-points at (In-Reply-To and References), so thread resolution is an indexed lookup and a
-parent that arrives after its reply still finds its thread.
+Message-IDs are stored bare (no angle brackets).  ``message_refs`` keeps the ids a message
+points at (In-Reply-To and References, at most the root and the 99 nearest: see
+``parse.MAX_REFERENCES``), so thread resolution is an indexed lookup and a parent that
+arrives after its reply still finds its thread.
 """
 
 from __future__ import annotations
