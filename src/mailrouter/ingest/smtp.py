@@ -105,31 +105,27 @@ class IngestHandler:
         return TEMPFAIL
 
 
-class SMTPServer(SMTP):
+class _TellsListener(asyncio.Protocol):
+    """Tells the listener when a session ends, so the connection cap and drain know."""
+
+    on_close: Callable[[], None] | None = None
+
+    def connection_lost(self, error: Exception | None) -> None:
+        try:
+            super().connection_lost(error)
+        finally:
+            _closed(self)
+
+
+class SMTPServer(_TellsListener, SMTP):
     """aiosmtpd's SMTP, telling the listener when its session ends (connection cap)."""
 
-    on_close: Callable[[], None] | None = None
 
-    def connection_lost(self, error: Exception | None) -> None:
-        try:
-            super().connection_lost(error)
-        finally:
-            _closed(self)
-
-
-class LMTPServer(LMTP):
+class LMTPServer(_TellsListener, LMTP):
     """aiosmtpd's LMTP with the handler's per-recipient DATA replies (see IngestHandler)."""
 
-    on_close: Callable[[], None] | None = None
 
-    def connection_lost(self, error: Exception | None) -> None:
-        try:
-            super().connection_lost(error)
-        finally:
-            _closed(self)
-
-
-def _closed(server: SMTPServer | LMTPServer) -> None:
+def _closed(server: _TellsListener) -> None:
     callback, server.on_close = server.on_close, None
     if callback is not None:
         callback()
