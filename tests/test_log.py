@@ -200,3 +200,38 @@ def test_daemon_run_logs_what_python_would_print_itself(
     assert "ValueError: in a finaliser" in ignored["exc"]
     assert (crashed["event"], crashed["level"]) == ("crashed", "critical")
     assert "RuntimeError: the loop died" in crashed["exc"]
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("a\x00b", '"a\\x00b"'),
+        ("\x1b[31mred\x1b[0m", '"\\x1b[31mred\\x1b[0m"'),
+        ("del\x7f", '"del\\x7f"'),
+        ("c1\x9b2J", '"c1\\x9b2J"'),
+        ("line\u2028sep", '"line\\u2028sep"'),
+        ("tab\there", '"tab\\there"'),
+        ("plain-value", "plain-value"),
+        ("Zoë", "Zoë"),
+    ],
+    ids=["nul", "esc", "del", "c1-csi", "u2028", "tab", "plain", "non-ascii"],
+)
+def test_kv_escapes_control_characters_in_values(value: str, shown: str) -> None:
+    """kv: C0, DEL, C1 and line separators from mail are escapes, never raw bytes."""
+    stream = io.StringIO()
+    setup_logging("kv", "INFO", stream)
+    event(log, "decision", subject=value)
+    [line] = _lines(stream)
+    assert line.endswith(f" event=decision subject={shown}")
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in line)
+
+
+def test_json_escapes_control_characters_in_values() -> None:
+    """json: the same values come out as JSON escapes; the line holds no raw control."""
+    stream = io.StringIO()
+    setup_logging("json", "INFO", stream)
+    value = "a\x00\x1b[2J\x9b\u2028z"
+    event(log, "decision", subject=value)
+    [raw] = _lines(stream)
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in raw)
+    assert json.loads(raw)["subject"] == value

@@ -55,18 +55,27 @@ ExcInfo = (
 )
 
 
+# Control characters a value may carry in from mail (a NUL in a Subject, an ESC sequence in
+# a display name): C0, DEL and C1, plus the Unicode line and paragraph separators that some
+# readers split lines at.  Written as escapes, they can neither break the one-line shape
+# nor drive the terminal of whoever runs ``tail -f``.
+_SHORT_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_ESCAPES = str.maketrans(
+    {
+        **{chr(c): e for c, e in _CONTROL.items()},
+        **_SHORT_ESCAPES,
+        "\u2028": "\\u2028",
+        "\u2029": "\\u2029",
+    }
+)
+_NEEDS_QUOTES = frozenset(' "=') | {chr(c) for c in _CONTROL} | {"\u2028", "\u2029"}
+
+
 def _quote(value: object) -> str:
     text = "" if value is None else str(value)
-    if text == "" or any(c in text for c in ' "=\t\n\r'):
-        return (
-            '"'
-            + text.replace("\\", "\\\\")
-            .replace('"', '\\"')
-            .replace("\n", "\\n")
-            .replace("\r", "\\r")
-            .replace("\t", "\\t")
-            + '"'
-        )
+    if text == "" or not _NEEDS_QUOTES.isdisjoint(text):
+        return '"' + text.translate(_ESCAPES) + '"'
     return text
 
 
