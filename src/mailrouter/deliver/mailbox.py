@@ -12,8 +12,50 @@ from mailrouter.deliver.maildir import maildir_deliver, pickup_write
 __all__ = ["deliver_to_account", "send_outbound", "with_trace_headers"]
 
 
+# Our trace headers claim facts about routing ("this came to sales@ and was routed here"),
+# which agents and filters trust.  An inbound copy of one is a forgery (or a copy of our
+# own old trace) and is dropped from the delivered copy.  X-Mailrouter-Loop is the one
+# exception: it only ever marks mail as automatic, so a forged one can do no more than
+# suppress a notice, and a real one must survive to stop a loop on the next hop.
+_OURS = b"x-mailrouter-"
+_KEEP = frozenset({b"x-mailrouter-loop"})
+
+
+def _header_end(raw: bytes) -> int:
+    """The end of the header section: just after its last field's line break (0 if empty)."""
+    if raw[:1] in (b"\n", b"\r"):
+        return 0
+    found = [
+        i + len(sep) // 2 for sep in (b"\n\n", b"\r\n\r\n", b"\r\r") if (i := raw.find(sep)) >= 0
+    ]
+    return min(found) if found else len(raw)
+
+
+def _strip_our_headers(raw: bytes) -> bytes:
+    """``raw`` without inbound ``X-Mailrouter-*`` fields (folded lines included), else as is."""
+    end = _header_end(raw)
+    if _OURS not in raw[:end].lower():
+        return raw  # the common case: nothing to remove, nothing copied
+    out: list[bytes] = []
+    dropping = False
+    for line in raw[:end].splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):  # a folded continuation belongs to the field above
+            if not dropping:
+                out.append(line)
+            continue
+        name = line.split(b":", 1)[0].strip().lower()
+        dropping = name.startswith(_OURS) and name not in _KEEP
+        if not dropping:
+            out.append(line)
+    return b"".join(out) + raw[end:]
+
+
 def with_trace_headers(raw: bytes, interaction_id: int | None, routed_from: str | None) -> bytes:
-    """Prepend ``X-Mailrouter-*`` trace headers; every original header stays as it was."""
+    """Prepend ``X-Mailrouter-*`` trace headers, dropping inbound copies of them first.
+
+    Every other byte of the original stays as it was.
+    """
+    raw = _strip_our_headers(raw)
     eol = b"\r\n" if b"\r\n" in raw[:2000] else b"\n"
     lines = []
     if interaction_id is not None:
@@ -53,6 +95,13 @@ async def send_outbound(
     outbound: OutboundSettings, raw: bytes, *, envelope_from: str, envelope_to: list[str], key: str
 ) -> None:
     """Send mailrouter's own mail (notices, replies) the configured way."""
+    if not raw.strip():
+        # A notice whose template failed is recorded as a failed outbox row with nothing
+        # in it; retrying that row must never put an empty message on the wire.
+        raise PermanentDeliveryError(
+            "nothing to send: this message was never composed (see the transfer's "
+            "notification reason; a fixed template is not re-rendered)"
+        )
     if outbound.type == "pickup":
         assert outbound.path is not None
         try:
