@@ -107,16 +107,44 @@ def _clean_id(token: str) -> str | None:
     return tok
 
 
+def _id_text(value: object) -> str:
+    """An id header's value as text, every byte kept: valid UTF-8 as its characters, any
+    other byte as a ``\\xNN`` escape.
+
+    ``compat32`` hands raw 8-bit bytes over as surrogate escapes, and its ``Header`` for
+    them prints each such byte as U+FFFD: ``<order-ü@…>`` and ``<order-é@…>`` both became
+    ``order-��@…`` and joined each other's conversations.  Decoding is injective on valid
+    UTF-8, and the escape keeps distinct invalid bytes distinct.
+    """
+    if isinstance(value, Header):
+        parts: list[str] = []
+        for chunk, _charset in decode_header(value.encode(maxlinelen=0)):
+            parts.append(
+                chunk.decode("utf-8", "backslashreplace") if isinstance(chunk, bytes) else chunk
+            )
+        return "".join(parts)
+    text = str(value)
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _raw_values(msg: Message, name: str) -> list[str]:
+    """Every ``name`` field of ``msg`` as written (before compat32 wraps 8-bit values)."""
+    key = name.lower()
+    return [value for field, value in msg.raw_items() if field.lower() == key]
+
+
 def parse_ids(value: object) -> list[str]:
     """Message-ids in a Message-ID / In-Reply-To / References value, in order, bare.
 
     ``<a@b> <c@d>``, ``<a@b>,<c@d>``, ``"<a@b>"``, ``a@b c@d``, ids folded across lines
     and free text such as ``Your message of Monday <a@b>`` all yield the ids; a truncated
-    ``<a@b`` yields none.
+    ``<a@b`` yields none.  Non-ASCII ids are kept as written (see :func:`_id_text`).
     """
     if value is None:
         return []
-    text = str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    text = _id_text(value)
     text = text.replace("\r", "").replace("\n", "")
     bracketed = _ANGLE_RE.findall(text)
     # No complete <...>: whitespace/comma separated tokens that look like ids.  A token with
@@ -294,13 +322,14 @@ def parse(raw: bytes, envelope_sender: str | None = None) -> ParsedMessage:
     elif not msg.keys():
         problem = "no header fields (not an RFC 5322 message)"
 
-    own = parse_ids(msg.get("Message-ID"))
+    # The id fields as written (raw_items), so that 8-bit bytes in them survive.
+    own = parse_ids(next(iter(_raw_values(msg, "Message-ID")), None))
     synthetic = not own
     message_id = own[0] if own else f"{digest[:40]}@{SYNTHETIC_DOMAIN}"
-    in_reply_to = parse_ids(msg.get("In-Reply-To"))
+    in_reply_to = parse_ids(next(iter(_raw_values(msg, "In-Reply-To")), None))
     # Repeated References fields are joined (some clients split a long one), then trimmed.
     references = trim_references(
-        parse_ids(" ".join(str(v) for v in msg.get_all("References") or [])), MAX_REFERENCES
+        parse_ids(" ".join(_raw_values(msg, "References"))), MAX_REFERENCES
     )
 
     from_name, from_email = _address(msg.get("From"))

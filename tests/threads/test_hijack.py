@@ -110,3 +110,33 @@ def test_the_agents_reply_goes_to_the_customer_not_to_whoever_wrote_last(
     headers = raw_headers(out)
     assert headers["to"] == ["Alice <alice@customer.test>"]
     assert headers["in-reply-to"] == ["<a1@customer.test>"]
+
+
+def test_two_non_ascii_message_ids_never_join(tmp_path: Path) -> None:
+    """<order-ü@…> and <order-é@…> are different ids: a reply to one never joins the other."""
+    with pipeline(make_settings(tmp_path)) as p:
+        for encoding in ("utf-8", "latin-1"):
+            shop = f"shop-{encoding}.test"
+            victim = accept(p, mail(CUSTOMER, f"Message-ID: <order-ü@{shop}>\n".encode(encoding)))
+            stranger = accept(
+                p,
+                mail(
+                    STRANGER,
+                    f"Message-ID: <m@{shop}>\nIn-Reply-To: <order-é@{shop}>\n".encode(encoding),
+                ),
+            )
+            assert victim.interaction_id is not None
+            assert stranger.interaction_id != victim.interaction_id
+            assert stranger.decision.rule == "new-interaction"
+            # The customer's own answer to the right id still joins.
+            answer = accept(
+                p,
+                mail(
+                    CUSTOMER,
+                    f"Message-ID: <a@{shop}>\nIn-Reply-To: <order-ü@{shop}>\n".encode(encoding),
+                ),
+            )
+            assert (answer.interaction_id, answer.decision.rule) == (
+                victim.interaction_id,
+                "in-reply-to",
+            )

@@ -373,3 +373,24 @@ def test_trim_references_keeps_first_and_last() -> None:
     assert trim_references(["a", "b"], 3) == ["a", "b"]
     with pytest.raises(ValueError, match="at least 2"):
         trim_references(["a", "b", "c"], 1)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_non_ascii_message_ids_are_kept_byte_exact(encoding: str) -> None:
+    """Raw 8-bit ids keep every byte: UTF-8 as text, other bytes as \\xNN escapes."""
+    ids = {}
+    for letter in "üé":
+        raw = (
+            f"Message-ID: <order-{letter}@shop.test>\nIn-Reply-To: <p-{letter}@shop.test>\n"
+            f"References: <r-{letter}@shop.test> <p-{letter}@shop.test>\n\nhi\n"
+        ).encode(encoding)
+        msg = parse(raw)
+        ids[letter] = (msg.message_id, msg.in_reply_to, msg.references)
+    assert ids["ü"] != ids["é"]
+    for letter in "üé":
+        shown = letter if encoding == "utf-8" else f"\\x{ord(letter):02x}"
+        assert ids[letter] == (
+            f"order-{shown}@shop.test",
+            [f"p-{shown}@shop.test"],
+            [f"r-{shown}@shop.test", f"p-{shown}@shop.test"],
+        )
