@@ -23,6 +23,7 @@ from mailrouter.config.settings import (
     DeliverySettings,
     ImapWatchSettings,
     ListenerSettings,
+    NotifySettings,
     OutboundSettings,
     OutboxSettings,
     Secret,
@@ -331,6 +332,7 @@ def load_from_text(
 
     outbound = _outbound(top.sub("outbound", OutboundSettings), env, state_path)
     outbox = _outbox(top.sub("outbox", OutboxSettings))
+    notify = _notify(top.sub("notify", NotifySettings))
     smtp = _listener(top, "smtp", env, config_dir)
     lmtp = _listener(top, "lmtp", env, config_dir)
 
@@ -350,6 +352,7 @@ def load_from_text(
         references_limit=references_limit,
         outbound=outbound,
         outbox=outbox,
+        notify=notify,
         smtp=smtp,
         lmtp=lmtp,
         log_format=log_format,
@@ -545,4 +548,27 @@ def _listener(top: _Table, name: str, env: Mapping[str, str], config_dir: Path) 
         tls_key=keyf,
         require_auth=require_auth,
         auth_users=users,
+    )
+
+
+_TOKEN_RE = re.compile(r"^[!-~]+(?: [!-~]+)*$")
+
+
+def _notify(d: _Table) -> NotifySettings:
+    token = d.get("subject_token", str)
+    if token:
+        field = NotifySettings.TOKEN_FIELD
+        if token.count(field) != 1 or len(token) > 40 or not _TOKEN_RE.match(token):
+            raise d.fail(
+                "subject_token",
+                f"expected printable ASCII of at most 40 characters with {field} once "
+                f'(e.g. "[#{field}]"), or "" for none; got {token!r}',
+            )
+    return NotifySettings(
+        subject_token=token,
+        max_auto_per_customer_per_day=d.positive("max_auto_per_customer_per_day", int),
+        render_timeout=d.positive("render_timeout", float),
+        max_render_size=d.positive("max_render_size", int),
+        render_memory_mb=d.positive("render_memory_mb", int),
+        max_subject_length=d.positive("max_subject_length", int),
     )

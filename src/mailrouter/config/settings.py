@@ -21,6 +21,7 @@ __all__ = [
     "DeliverySettings",
     "ImapWatchSettings",
     "ListenerSettings",
+    "NotifySettings",
     "OutboundSettings",
     "OutboxSettings",
     "Secret",
@@ -171,6 +172,32 @@ class OutboxSettings:
 
 
 @dataclass(frozen=True)
+class NotifySettings:
+    """What mailrouter sends on its own: the bounds of a notice, loop limits, the subject token.
+
+    ``[notify]`` in the file; docs/templates.md explains each key.
+    """
+
+    # Appended to notice and reply subjects so a reply from a client that drops References
+    # still threads (a weak signal: it joins only for a known participant).  "" turns it off.
+    subject_token: str = "[#{id}]"
+    # Automatic mails (notices) one customer address gets in 24 hours, like Znuny's 40/day;
+    # beyond it notices are suppressed with a reason.
+    max_auto_per_customer_per_day: int = 10
+    # A template render runs in a child process that is killed after this many seconds.
+    render_timeout: float = 5.0
+    # Characters a render may produce, all parts together (subject, text, HTML).
+    max_render_size: int = 100_000
+    # Memory the render process may grow by, in MiB (a string bomb fails, not the host).
+    render_memory_mb: int = 256
+    # A customer subject (and display name) is cut to this many characters in notices,
+    # replies and template variables: a 210 KB Subject made a 541 KB notice.
+    max_subject_length: int = 200
+
+    TOKEN_FIELD: ClassVar[str] = "{id}"
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the daemon and the commands need, read once.
 
@@ -188,6 +215,7 @@ class Settings:
     references_limit: int = field(default=20, metadata=_in_file("templates.references_limit"))
     outbound: OutboundSettings = OutboundSettings()
     outbox: OutboxSettings = OutboxSettings()
+    notify: NotifySettings = NotifySettings()
     # Built in code, Settings listens nowhere; a config file gets an SMTP listener on 2525
     # unless it says otherwise, and an LMTP one on 2424 once it enables it.
     smtp: ListenerSettings = field(
