@@ -14,6 +14,7 @@ from mailrouter.notify.compose import (
 )
 from mailrouter.notify.templates import (
     RenderedNotice,
+    RenderLimits,
     TemplateError,
     check_templates,
     notice_variables,
@@ -24,6 +25,7 @@ from mailrouter.notify.templates import (
 __all__ = [
     "Composed",
     "NoticeSuppressed",
+    "RenderLimits",
     "RenderedNotice",
     "TemplateError",
     "check_templates",
