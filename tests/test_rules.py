@@ -174,8 +174,8 @@ def test_notice_template_gets_fromAccount_and_toAccount(tmp_path: Path) -> None:
         flush(p)
     [notice] = pickup_messages(settings)
     assert plain_body(notice).strip() == "Moved from sales@example.test to support@example.test."
-    # No subject template: the threading-friendly default.
-    assert header(notice, "Subject") == "Re: Quote for 40 office chairs"
+    # No subject template: the threading-friendly default, with the interaction's token.
+    assert header(notice, "Subject") == f"Re: Quote for 40 office chairs [#{iid}]"
 
 
 def test_notice_template_with_undefined_variable_refuses_transfer(tmp_path: Path) -> None:
@@ -220,7 +220,8 @@ def test_notice_is_threaded_reply_to_last_customer_message_before_transfer(
     assert header(notice, "Message-ID") == f"<{r.notice_message_id}>"
     assert header(notice, "In-Reply-To") == f"<{CHAIRS_2}>"
     assert header(notice, "References") == f"<{CHAIRS_1}> <{CHAIRS_2}>"
-    assert header(notice, "Subject") == "Re: Quote for 40 office chairs"  # not "Re: Re:"
+    # Not "Re: Re:"; the token lets a reply that drops References thread.
+    assert header(notice, "Subject") == f"Re: Quote for 40 office chairs [#{iid}]"
     assert header(notice, "Auto-Submitted") == "auto-generated"
     for name in ("Message-ID", "In-Reply-To", "References"):
         assert "=?" not in header(notice, name)
@@ -274,7 +275,7 @@ def test_chain_a_b_c_second_notice_names_b_as_fromAccount_and_follows_b_settings
     )
     assert header(notice_bc, "From") == "Billing <billing@example.test>"
     assert header(notice_bc, "In-Reply-To") == f"<{INVOICE_2}>"  # the last before B→C
-    assert header(notice_bc, "Subject") == "Re: Invoice 2026-0412: wrong VAT rate"
+    assert header(notice_bc, "Subject") == f"Re: Invoice 2026-0412: wrong VAT rate [#{iid}]"
 
 
 def test_chain_a_b_c_no_second_notice_when_b_does_not_notify(tmp_path: Path) -> None:

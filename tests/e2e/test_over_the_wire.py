@@ -141,7 +141,7 @@ async def test_transfer_then_reply_to_old_address_reaches_new_account_over_the_w
     parsed = email.message_from_bytes(notice.content, policy=email.policy.default)
     assert parsed["In-Reply-To"] == "<hinge-1@customer.test>"
     assert parsed["References"] == "<hinge-1@customer.test>"
-    assert parsed["Subject"] == "Re: Broken hinge on order 5512"
+    assert parsed["Subject"] == "Re: Broken hinge on order 5512 [#1]"
     assert parsed["Auto-Submitted"] == "auto-generated"
     assert "support@example.test" in parsed["From"]
 

@@ -7,9 +7,12 @@ out, threaded to the customer's message.  Sending them is the outbox's and deliv
 from mailrouter.notify.compose import (
     Composed,
     NoticeSuppressed,
+    answer_address,
     compose_notice,
     compose_reply,
+    own_addresses,
     reply_threading,
+    subject_token,
     suppression_reason,
 )
 from mailrouter.notify.templates import (
@@ -28,12 +31,15 @@ __all__ = [
     "RenderLimits",
     "RenderedNotice",
     "TemplateError",
+    "answer_address",
     "check_templates",
     "compose_notice",
     "compose_reply",
     "notice_variables",
+    "own_addresses",
     "render_notice",
     "reply_subject",
     "reply_threading",
+    "subject_token",
     "suppression_reason",
 ]

@@ -11,23 +11,34 @@ from __future__ import annotations
 
 import email.policy
 import re
-import uuid
+import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
 
-from mailrouter.config import AccountSettings, Settings
-from mailrouter.notify.templates import notice_variables, one_line, render_notice, reply_subject
-from mailrouter.parse import ParsedMessage, trim_references
+from mailrouter.config import AccountSettings, NotifySettings, Settings
+from mailrouter.notify.templates import (
+    RenderLimits,
+    cap,
+    notice_variables,
+    one_line,
+    render_notice,
+    reply_subject,
+)
+from mailrouter.parse import LOOP_HEADER, ParsedMessage, trim_references
 
 __all__ = [
     "Composed",
     "NoticeSuppressed",
+    "answer_address",
     "compose_notice",
     "compose_reply",
+    "own_addresses",
     "reply_threading",
+    "subject_token",
     "suppression_reason",
 ]
 
@@ -65,21 +76,74 @@ class NoticeSuppressed(ValueError):
         super().__init__(f"notice suppressed: {reason}")
 
 
-def _customer_address(customer: ParsedMessage) -> str | None:
-    address = customer.reply_to_email or customer.from_email
-    return address if _ADDRESS_RE.match(address) else None
+def own_addresses(settings: Settings) -> frozenset[str]:
+    """Every configured account's address: mail to one of them would be mail to ourselves."""
+    return frozenset(a.address for a in settings.accounts)
 
 
-def suppression_reason(customer: ParsedMessage | None) -> str | None:
-    """Why no notice may answer ``customer`` (DESIGN §2 rule 4), or None when one may."""
+def _related(a: str, b: str) -> bool:
+    """Whether two addresses share a domain (or one's is a subdomain of the other's)."""
+    da, db = a.rpartition("@")[2].lower(), b.rpartition("@")[2].lower()
+    return da == db or da.endswith("." + db) or db.endswith("." + da)
+
+
+def answer_address(
+    customer: ParsedMessage, *, automatic: bool, own: Collection[str] = ()
+) -> tuple[str | None, str | None]:
+    """Where an answer to ``customer`` goes: ``(address, None)``, or ``(None, why not)``.
+
+    DESIGN §2 rule 4: the Reply-To, else the From.  A Reply-To naming one of our own
+    accounts is ignored (``Reply-To: sales@…`` must never make us mail ourselves), and an
+    answer to our own account is refused.  For an automatic answer (a notice) RFC 3834 §4
+    applies: an outsider's Reply-To must not turn us into a reflector that mails a third
+    party the outsider's subject, so a Reply-To in another domain than the From is not
+    answered at all.  The envelope sender that §4 prefers is not stored with the message.
+    """
+    reply_to, sender = customer.reply_to_email, customer.from_email
+    if reply_to in own:
+        reply_to = ""
+    if reply_to:
+        if not _ADDRESS_RE.match(reply_to):
+            return None, "last customer message has no usable address"
+        if automatic and sender and not _related(reply_to, sender):
+            return None, (
+                f"Reply-To {reply_to} is in another domain than From {sender}: "
+                "not answered automatically (RFC 3834 §4)"
+            )
+        return reply_to, None
+    if sender in own:
+        return None, f"customer address {sender} is one of our own accounts"
+    if _ADDRESS_RE.match(sender):
+        return sender, None
+    return None, "last customer message has no usable address"
+
+
+def suppression_reason(customer: ParsedMessage | None, own: Collection[str] = ()) -> str | None:
+    """Why no notice may answer ``customer`` (DESIGN §2 rule 4), or None when one may.
+
+    ``own``: our accounts' addresses (:func:`own_addresses`), never answered.
+    """
     if customer is None:
         return "no customer message before the transfer"
     if customer.automatic:
         # Answering a bounce, an auto-reply or list mail starts mail loops or mails a robot.
         return f"last customer message is automatic: {customer.automatic}"
-    if _customer_address(customer) is None:
-        return "last customer message has no usable address"
-    return None
+    return answer_address(customer, automatic=True, own=own)[1]
+
+
+def subject_token(notify: NotifySettings, interaction_id: int) -> str | None:
+    """The interaction's subject token (``[#42]``), or None when the token is off."""
+    if not notify.subject_token:
+        return None
+    return notify.subject_token.replace(NotifySettings.TOKEN_FIELD, str(interaction_id))
+
+
+def _with_token(subject: str, token: str | None) -> str:
+    # Once is enough: a subject template may already carry it, and an answer to a reply
+    # quotes the customer's "Re: … [#42]".
+    if token is None or token in subject:
+        return subject
+    return f"{subject} {token}" if subject else token
 
 
 def _writable(mid: str) -> bool:
@@ -147,13 +211,15 @@ def _insert_after_date(head: bytes, lines: bytes) -> bytes:
     return head + b"\r\n" + lines
 
 
-def _message_id(settings: Settings, interaction_id: int, account: AccountSettings) -> str:
-    # The sending account's domain ties the id to the mailbox it came from; should that
-    # domain not be writable in an id header (non-ASCII), fall back to our own hostname.
+def _message_id(settings: Settings, account: AccountSettings) -> str:
+    # 128 random bits and nothing else: no interaction id or counter that would let an
+    # outsider guess the id of a notice sent to someone else and claim its thread.  The
+    # sending account's domain ties the id to the mailbox it came from; should that domain
+    # not be writable in an id header (non-ASCII), fall back to our own hostname.
     domain = account.address.rpartition("@")[2]
     if not _ID_RE.match(domain):
         domain = settings.hostname
-    return f"mailrouter.{interaction_id}.{uuid.uuid4().hex}@{domain}"
+    return f"mailrouter.{secrets.token_hex(16)}@{domain}"
 
 
 def _build(
@@ -169,20 +235,23 @@ def _build(
     now: datetime | None,
 ) -> Composed:
     """The common part of notices and replies: a threaded answer to ``customer``."""
-    to_address = _customer_address(customer)
+    to_address, why_not = answer_address(customer, automatic=automatic, own=own_addresses(settings))
     if to_address is None:
-        raise ValueError("the customer message has no usable Reply-To or From address")
+        raise ValueError(why_not or "the customer message has no usable address")
     when = now or datetime.now(UTC)
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    subject = one_line(subject)
+    limit = settings.notify.max_subject_length
+    subject = _with_token(
+        cap(one_line(subject), limit), subject_token(settings.notify, interaction_id)
+    )
     # Name the recipient only when the name belongs to the address we write to: a From
     # name next to a Reply-To address (often a shared or a different mailbox) would lie.
     to_name = customer.from_name if to_address == customer.from_email else ""
 
     msg = EmailMessage(policy=_POLICY)
     msg["From"] = Address(one_line(account.display_name or ""), addr_spec=account.address)
-    msg["To"] = Address(one_line(to_name), addr_spec=to_address)
+    msg["To"] = Address(cap(one_line(to_name), limit), addr_spec=to_address)
     msg["Subject"] = subject
     msg["Date"] = format_datetime(when.astimezone(UTC))
     if automatic:
@@ -192,6 +261,9 @@ def _build(
         msg["Auto-Submitted"] = "auto-generated"
         msg["X-Auto-Response-Suppress"] = "All"
     msg["X-Mailrouter-Interaction"] = str(interaction_id)
+    # On everything we send: should it ever come back in (a forwarding loop, our own
+    # account as the customer), parse.automatic_reason sees it and nothing answers it.
+    msg[LOOP_HEADER] = settings.hostname
     msg.set_content(text)
     if html is not None:
         msg.add_alternative(html, subtype="html")
@@ -200,7 +272,7 @@ def _build(
             # MIME-Version; that header belongs to the top level only (RFC 2045 §4).
             del part["MIME-Version"]
 
-    message_id = _message_id(settings, interaction_id, account)
+    message_id = _message_id(settings, account)
     in_reply_to, references = reply_threading(customer, settings.references_limit)
     head, _sep, body = msg.as_bytes().partition(b"\r\n\r\n")
     raw = (
@@ -233,10 +305,11 @@ def compose_notice(
     Raises :class:`NoticeSuppressed` when ``customer`` must not be answered (check
     :func:`suppression_reason` first) and ``TemplateError`` when the template fails.
     """
-    reason = suppression_reason(customer)
+    reason = suppression_reason(customer, own_addresses(settings))
     if reason is not None:
         raise NoticeSuppressed(reason)
     when = now or datetime.now(UTC)
+    limit = settings.notify.max_subject_length
     variables = notice_variables(
         from_account=from_account,
         to_account=to_account,
@@ -244,14 +317,18 @@ def compose_notice(
         customer=customer,
         agent=agent,
         transferred_at=when,
+        to_address=answer_address(customer, automatic=True, own=own_addresses(settings))[0],
+        max_subject=limit,
     )
-    rendered = render_notice(settings.template_dir, template, variables)
+    rendered = render_notice(
+        settings.template_dir, template, variables, RenderLimits.of(settings.notify)
+    )
     return _build(
         settings,
         account=to_account,
         customer=customer,
         interaction_id=interaction_id,
-        subject=rendered.subject or reply_subject(customer.subject),
+        subject=rendered.subject or reply_subject(customer.subject, limit),
         text=rendered.text,
         html=rendered.html,
         automatic=True,
@@ -283,7 +360,7 @@ def compose_reply(
         account=account,
         customer=customer,
         interaction_id=interaction_id,
-        subject=reply_subject(customer.subject),
+        subject=reply_subject(customer.subject, settings.notify.max_subject_length),
         text=body_text,
         html=None,
         automatic=False,
