@@ -224,8 +224,11 @@ def test_refused_transfer_exits_1_and_changes_nothing(tmp_path: Path) -> None:
     assert snapshot(settings) == before
 
 
-def test_transfer_with_broken_template_exits_1_and_changes_nothing(tmp_path: Path) -> None:
-    """A notice template that fails to render refuses the transfer, naming file and line."""
+def test_transfer_with_broken_template_transfers_and_reports_the_failed_notice(
+    tmp_path: Path,
+) -> None:
+    """A notice template that fails to render no longer refuses the transfer: it happens,
+    exits 0 and says the notice failed, naming file and line; `queue` lists the failure."""
     tdir = tmp_path / "templates"
     tdir.mkdir()
     (tdir / "notice.txt.j2").write_text("Hello,\nmoved to {{ toAcount }}.\n", "utf-8")
@@ -233,12 +236,14 @@ def test_transfer_with_broken_template_exits_1_and_changes_nothing(tmp_path: Pat
         tmp_path, template_dir=tdir, sales={"enabled": True, "notify": True, "template": "notice"}
     )
     ingest(settings, "01-customer-asks.eml")
-    before = snapshot(settings)
-    code, _, err = run_cli(settings, "transfer", "1", "--to", "support")
-    assert code == 1
-    assert f"{tdir / 'notice.txt.j2'}:2: undefined variable" in err
+    code, out, err = run_cli(settings, "transfer", "1", "--to", "support")
+    assert code == 0, err
+    assert out.startswith("interaction 1: sales -> support; notice failed (")
+    assert f"{tdir / 'notice.txt.j2'}:2: undefined variable" in out
     assert "Traceback" not in err
-    assert snapshot(settings) == before
+    code, out, _ = run_cli(settings, "queue")
+    assert code == 0
+    assert "notify" in out and "notice template of account sales failed" in out
 
 
 def test_show_unknown_interaction_exits_1(settings: Settings) -> None:

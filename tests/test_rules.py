@@ -8,6 +8,7 @@ operator would look at: the store, the Maildir files on disk and the pickup dire
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -178,8 +179,12 @@ def test_notice_template_gets_fromAccount_and_toAccount(tmp_path: Path) -> None:
     assert header(notice, "Subject") == f"Re: Quote for 40 office chairs [#{iid}]"
 
 
-def test_notice_template_with_undefined_variable_refuses_transfer(tmp_path: Path) -> None:
-    """A template naming an undefined variable is reported, and the transfer is refused."""
+def test_notice_template_with_undefined_variable_fails_the_notice_not_the_transfer(
+    tmp_path: Path,
+) -> None:
+    """A template naming an undefined variable is reported by check-config; at transfer
+    time the transfer still happens, and the notice is recorded as failed with the error,
+    visible in `show` and `queue` (it refused the transfer before, see CHANGELOG)."""
     tdir = template_dir_with(tmp_path, broken="From {{ fromAccount }} to {{ toAcount }}.\n")
     settings = make_settings(
         tmp_path,
@@ -190,14 +195,30 @@ def test_notice_template_with_undefined_variable_refuses_transfer(tmp_path: Path
     assert problem.startswith("accounts.sales.transfer.template: ")
     assert f"{tdir / 'broken.txt.j2'}:1: undefined variable" in problem
     assert "toAcount" in problem
+    error = r"notice template of account sales failed: .*broken\.txt\.j2:1: undefined variable"
     with pipeline(settings) as p:
         iid = start_chairs(p)
-        before, rows = detail(p, iid), counts(p)
-        with pytest.raises(TransferRefused, match=r"broken\.txt\.j2:1: undefined variable"):
-            transfer(p, iid, "support", actor="bob")
-        assert flush(p) == 0
-        assert detail(p, iid) == before
-        assert counts(p) == rows
+        r = transfer(p, iid, "support", actor="bob")
+        assert (r.from_account, r.to_account, r.notification) == ("sales", "support", "failed")
+        assert r.reason is not None and re.match(error, r.reason)
+        assert r.notice_message_id is None and r.outbox_id is not None
+        assert flush(p) == 0  # nothing to send: the failed row is never claimed
+        shown = detail(p, iid)
+    assert (shown["account"], shown["unread"], shown["distribution"]) == ("support", True, "manual")
+    [t] = shown["transfers"]
+    assert (t["from"], t["to"], t["notification"]) == ("sales", "support", "failed")
+    assert re.match(error, t["notification_reason"])
+    assert [m["direction"] for m in shown["messages"]] == ["inbound", "inbound"]
+    code, out, _ = run_cli(settings, "queue", "--json")
+    assert code == 0
+    [row] = json.loads(out)
+    assert (row["id"], row["kind"], row["status"], row["interaction"]) == (
+        r.outbox_id,
+        "notify",
+        "failed",
+        iid,
+    )
+    assert re.match(error, row["last_error"])
     assert pickup_messages(settings) == []
 
 

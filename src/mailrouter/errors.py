@@ -16,8 +16,9 @@ class Refused(Exception):
     """An operation was refused; nothing was changed.
 
     Codes in use: ``not-found``, ``unknown-account``, ``closed``, ``same-account``,
-    ``transfer-not-enabled``, ``template-failed``, ``already-picked``, ``empty-body``,
+    ``transfer-not-enabled``, ``busy``, ``already-picked``, ``empty-body``,
     ``no-customer-message``, ``no-customer-address``, ``not-held``, ``not-failed``.
+    (``template-failed`` is gone: a failing notice template no longer refuses a transfer.)
     """
 
     def __init__(self, code: str, message: str) -> None:

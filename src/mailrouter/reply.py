@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from mailrouter.deliver.outbox import queue_outbound
 from mailrouter.errors import Refused
 from mailrouter.log import event
-from mailrouter.notify import compose_reply
+from mailrouter.notify import answer_address, compose_reply, own_addresses
 from mailrouter.parse import format_id, parse
 from mailrouter.runtime import Runtime
 from mailrouter.store.models import OutboxKind, utcnow
@@ -53,9 +53,12 @@ def reply(rt: Runtime, interaction_id: int, body: str, *, agent: str | None = No
         raw = last_customer_raw(s, i)
         assert raw is not None
         customer = parse(raw)
-        if not (customer.reply_to_email or customer.from_email):
+        # Rule 4's Reply-To-else-From, but never one of our own accounts.
+        address, why_not = answer_address(customer, automatic=False, own=own_addresses(rt.settings))
+        if address is None:
             raise ReplyRefused(
-                "no-customer-address", "the customer's last message has no usable From or Reply-To"
+                "no-customer-address",
+                f"the customer's last message has no usable From or Reply-To ({why_not})",
             )
         account = rt.account_of(i.account_id)
         try:

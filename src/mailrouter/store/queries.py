@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from email.utils import parseaddr
 from typing import Any
 
-from sqlalchemy import Select, bindparam, select
+from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from mailrouter.config import Settings
@@ -18,6 +19,8 @@ from mailrouter.store.models import (
     Account,
     Interaction,
     Message,
+    Outbox,
+    Transfer,
 )
 
 __all__ = [
@@ -25,8 +28,9 @@ __all__ = [
     "StoreView",
     "accounts_in_sync",
     "last_customer_raw",
-    "latest_inbound_automatic",
+    "latest_inbound_message",
     "lock_interaction",
+    "notices_to_since",
     "sync_accounts",
 ]
 
@@ -51,18 +55,35 @@ def last_customer_raw(session: Session, interaction: Interaction) -> bytes | Non
     )
 
 
-def latest_inbound_automatic(session: Session, interaction_id: int) -> str | None:
-    """The stored automatic-mail classification of the interaction's latest inbound message.
-
-    The classification made at ingest (with the envelope sender, which the raw bytes do
-    not carry) decides, not a re-parse.
-    """
-    return session.scalar(
-        select(Message.automatic)
+def latest_inbound_message(session: Session, interaction_id: int) -> tuple[int, str | None] | None:
+    """The key and stored automatic-mail classification of the interaction's latest inbound
+    message, or None if it has none."""
+    row = session.execute(
+        select(Message.id, Message.automatic)
         .where(Message.interaction_id == interaction_id, Message.direction == "inbound")
         .order_by(Message.id.desc())
         .limit(1)
+    ).first()
+    return (row[0], row[1]) if row is not None else None
+
+
+def notices_to_since(session: Session, address: str, since: datetime) -> int:
+    """How many transfer notices were queued to ``address`` since ``since``.
+
+    Through the transfers of that period (indexed by time), so the per-customer cap on
+    automatic mail costs the same however large the outbox grows.
+    """
+    count = session.scalar(
+        select(func.count())
+        .select_from(Transfer)
+        .join(Outbox, Outbox.id == Transfer.notification_outbox_id)
+        .where(
+            Transfer.at >= since,
+            Transfer.notification == "queued",
+            Outbox.envelope_to == address,
+        )
     )
+    return count or 0
 
 
 class AccountMap:
