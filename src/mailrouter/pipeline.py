@@ -95,7 +95,12 @@ class Pipeline:
         msg = parse(raw, envelope_sender)
         with self.db.read() as session:
             view = StoreView(session, self.accounts)
-            return msg, decide(msg, self.order_recipients(msg, accounts), view)
+            return msg, decide(
+                msg,
+                self.order_recipients(msg, accounts),
+                view,
+                subject_token=self.settings.notify.subject_token or None,
+            )
 
     def accept(
         self,
@@ -220,7 +225,7 @@ class Pipeline:
         in_mailbox_of: str | None = None,
     ) -> Accepted:
         view = StoreView(session, self.accounts)
-        d = decide(msg, receiving, view)
+        d = decide(msg, receiving, view, subject_token=self.settings.notify.subject_token or None)
         ids = [self.accounts.id(n) for n in receiving]
         match d.action:
             case Action.DUPLICATE:

@@ -19,6 +19,7 @@ class FakeView:
     pointed_at: dict[str, int] = field(default_factory=dict)  # id a stored message cites
     owners: dict[int, str] = field(default_factory=dict)
     copies: dict[tuple[str, str], tuple[int, set[str]]] = field(default_factory=dict)
+    sent: set[str] = field(default_factory=set)  # stored Message-IDs of mail we sent
     calls: Counter[str] = field(default_factory=Counter)
 
     def interactions_of(self, ids: Sequence[str]) -> dict[str, int]:
@@ -28,6 +29,10 @@ class FakeView:
     def interactions_referencing(self, ids: Sequence[str]) -> dict[str, int]:
         self.calls["interactions_referencing"] += 1
         return {i: self.pointed_at[i] for i in ids if i in self.pointed_at}
+
+    def outbound(self, ids: Sequence[str]) -> set[str]:
+        self.calls["outbound"] += 1
+        return {i for i in ids if i in self.sent}
 
     def participants(self, interaction_id: int) -> set[str]:
         """Every conversation's only participant is the customer :func:`mail` writes as."""

@@ -42,6 +42,15 @@ def every_kind_of_decision() -> list[Decision]:
         decide(mail("late@c", in_reply_to="lost@c"), ["sales"], shares),
         decide(mail("early@c"), ["sales"], cited),
         decide(mail("first@c"), ["sales"], FakeView()),
+        decide(
+            parse(
+                b"From: Customer <customer@example.net>\r\nTo: sales@example.test\r\n"
+                b"Subject: Re: Order 7 [#7]\r\nMessage-ID: <token@c>\r\n\r\nhi\r\n"
+            ),
+            ["sales"],
+            FakeView(owners={ORDER: "sales"}),
+            subject_token="[#{id}]",
+        ),
     ]
 
 

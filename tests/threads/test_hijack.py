@@ -140,3 +140,59 @@ def test_two_non_ascii_message_ids_never_join(tmp_path: Path) -> None:
                 victim.interaction_id,
                 "in-reply-to",
             )
+
+
+def test_a_stranger_answering_our_notice_opens_a_new_interaction(tmp_path: Path) -> None:
+    """The Message-ID of one of our notices is a weak signal from a non-participant."""
+    from mailrouter.transfer import transfer
+
+    with pipeline(make_settings(tmp_path)) as p:
+        alice = accept(p, mail(CUSTOMER, b"Message-ID: <a1@customer.test>\n"))
+        assert alice.interaction_id is not None
+        notice = transfer(p, alice.interaction_id, "support")
+        assert notice.notice_message_id is not None
+        answer = f"Message-ID: <{{}}>\nIn-Reply-To: <{notice.notice_message_id}>\n"
+        mallory = accept(p, mail(STRANGER, answer.format("m1@elsewhere.test").encode()))
+        assert mallory.interaction_id != alice.interaction_id
+        assert mallory.decision.rule == "new-interaction"
+        assert mallory.decision.reason == (
+            f"in-reply-to <{notice.notice_message_id}> ignored: "
+            f"sender not a participant of {alice.interaction_id}"
+        )
+        # The customer's own answer to the notice joins, by the same rule.
+        again = accept(p, mail(CUSTOMER, answer.format("a2@customer.test").encode()))
+        assert (again.interaction_id, again.decision.rule) == (
+            alice.interaction_id,
+            "in-reply-to",
+        )
+
+
+def test_subject_token_threads_a_participants_reply_that_dropped_references(
+    tmp_path: Path,
+) -> None:
+    """A reply with only "Re: … [#N]" (no In-Reply-To, no References) joins for its
+    customer, and opens a new interaction for a stranger, with the reason logged."""
+    with pipeline(make_settings(tmp_path)) as p:
+        alice = accept(p, mail(CUSTOMER, b"Message-ID: <a1@customer.test>\n"))
+        iid = alice.interaction_id
+        assert iid is not None
+        token = f"Subject: Re: chairs [#{iid}]\n".encode()
+        joined = accept(p, CUSTOMER + b"Message-ID: <a2@customer.test>\n" + token + b"\nok\n")
+        assert (joined.interaction_id, joined.decision.rule) == (iid, "subject-token")
+        mallory = accept(p, STRANGER + b"Message-ID: <m1@elsewhere.test>\n" + token + b"\nhi\n")
+        assert mallory.interaction_id != iid
+        assert mallory.decision.reason == (
+            f"subject-token [#{iid}] ignored: sender not a participant of {iid}"
+        )
+
+
+def test_subject_token_is_ignored_when_turned_off(tmp_path: Path) -> None:
+    """notify.subject_token = "": the token in a subject means nothing."""
+    from mailrouter.config import NotifySettings
+
+    settings = make_settings(tmp_path).with_(notify=NotifySettings(subject_token=""))
+    with pipeline(settings) as p:
+        alice = accept(p, mail(CUSTOMER, b"Message-ID: <a1@customer.test>\n"))
+        token = f"Subject: Re: chairs [#{alice.interaction_id}]\n".encode()
+        again = accept(p, CUSTOMER + b"Message-ID: <a2@customer.test>\n" + token + b"\nok\n")
+        assert again.interaction_id != alice.interaction_id

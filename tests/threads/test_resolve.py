@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from mailrouter.config import load
-from mailrouter.parse import parse
+from mailrouter.parse import ParsedMessage, parse
 from mailrouter.pipeline import Accepted, Pipeline
 from mailrouter.runtime import Runtime
 from mailrouter.store.models import Interaction
@@ -70,11 +70,13 @@ def interaction_count(p: Pipeline) -> int:
 
 
 def test_rules_run_in_the_documented_order() -> None:
-    """The chain reads top to bottom: own id, In-Reply-To, References, then missing-id links."""
+    """The chain reads top to bottom: own id, In-Reply-To, References, the subject token,
+    then missing-id links."""
     assert [r.name for r in RULES] == [
         "known-message",
         "in-reply-to",
         "references",
+        "subject-token",
         "shared-reference",
         "referenced-by",
     ]
@@ -274,8 +276,13 @@ class FakeIndex:
     Every interaction's only participant is ``customer@x``.
     """
 
-    def __init__(self, known: dict[str, int], referenced: dict[str, int]) -> None:
-        self.known, self.referenced = known, referenced
+    def __init__(
+        self, known: dict[str, int], referenced: dict[str, int], sent: frozenset[str] = frozenset()
+    ) -> None:
+        self.known, self.referenced, self.sent = known, referenced, sent
+
+    def outbound(self, ids: Sequence[str]) -> set[str]:
+        return {i for i in ids if i in self.sent}
 
     def participants(self, interaction_id: int) -> set[str]:
         return {"customer@x"}
@@ -328,3 +335,40 @@ def test_referenced_lookup_is_skipped_when_a_stored_parent_decides() -> None:
     missing_parent = CountingIndex({}, {"p@x": 3})
     assert resolve(reply, missing_parent).rule == "shared-reference"
     assert missing_parent.referencing_calls == 1
+
+
+def test_a_stored_parent_we_sent_joins_only_a_known_participant() -> None:
+    """In-Reply-To / References naming our own notice: weak, unlike a customer's message."""
+    stranger = parse(b"From: mallory@y\nMessage-ID: <m@y>\nIn-Reply-To: <notice@us>\n\nhi\n")
+    customer = parse(b"From: customer@x\nMessage-ID: <c@x>\nIn-Reply-To: <notice@us>\n\nhi\n")
+    index = FakeIndex({"notice@us": 4}, {}, sent=frozenset({"notice@us"}))
+    refused = resolve(stranger, index)
+    assert (refused.interaction_id, refused.rule) == (None, "new-interaction")
+    assert refused.note == "in-reply-to <notice@us> ignored: sender not a participant of 4"
+    joined = resolve(customer, index)
+    assert (joined.interaction_id, joined.rule, joined.matched_id) == (
+        4,
+        "in-reply-to",
+        "notice@us",
+    )
+    by_references = parse(b"From: mallory@y\nMessage-ID: <m2@y>\nReferences: <notice@us>\n\nhi\n")
+    assert resolve(by_references, index).rule == "new-interaction"
+    # The same id received from a customer (not sent by us) is a strong signal.
+    assert resolve(stranger, FakeIndex({"notice@us": 4}, {})).interaction_id == 4
+
+
+def test_subject_token_joins_only_a_known_participant() -> None:
+    """[#4] in the subject is a weak signal, found only with the token configured."""
+
+    def msg(sender: str) -> ParsedMessage:
+        return parse(f"From: {sender}\nSubject: Re: Order [#4]\nMessage-ID: <t@z>\n\nhi\n".encode())
+
+    index = FakeIndex({}, {})
+    joined = resolve(msg("customer@x"), index, subject_token="[#{id}]")
+    assert (joined.interaction_id, joined.rule, joined.note) == (4, "subject-token", "[#4]")
+    refused = resolve(msg("mallory@y"), index, subject_token="[#{id}]")
+    assert (refused.interaction_id, refused.rule) == (None, "new-interaction")
+    assert refused.note == "subject-token [#4] ignored: sender not a participant of 4"
+    assert resolve(msg("customer@x"), index).rule == "new-interaction"  # token off
+    other = resolve(msg("customer@x"), index, subject_token="[Ticket#{id}]")
+    assert other.rule == "new-interaction"  # another shape is not our token

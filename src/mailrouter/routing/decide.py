@@ -86,13 +86,20 @@ class Facts:
     resolution is only needed once the message turns out not to be a duplicate.
     """
 
-    def __init__(self, msg: ParsedMessage, receiving: Sequence[str], view: RoutingView) -> None:
+    def __init__(
+        self,
+        msg: ParsedMessage,
+        receiving: Sequence[str],
+        view: RoutingView,
+        subject_token: str | None = None,
+    ) -> None:
         if not receiving:
             raise ValueError("a routing decision needs at least one receiving account")
         self.msg = msg
         self.receiving = receiving
         self.primary = receiving[0]
         self._view = view
+        self._subject_token = subject_token
         self._owners: dict[int, str] = {}
 
     @cached_property
@@ -110,7 +117,12 @@ class Facts:
     def thread(self) -> Resolution:
         """Which interaction the message belongs to, by the thread rule chain."""
         # An identical stored copy makes the message's own Message-ID a strong signal.
-        return resolve(self.msg, self._view, identical=self.seen is not None)
+        return resolve(
+            self.msg,
+            self._view,
+            identical=self.seen is not None,
+            subject_token=self._subject_token,
+        )
 
     @property
     def owner(self) -> str | None:
@@ -250,9 +262,19 @@ RULES: tuple[RoutingRule, ...] = (
 )
 
 
-def decide(msg: ParsedMessage, receiving: Sequence[str], view: RoutingView) -> Decision:
-    """Decide for ``msg`` addressed to the accounts named in ``receiving`` (at least one)."""
-    facts = Facts(msg, receiving, view)
+def decide(
+    msg: ParsedMessage,
+    receiving: Sequence[str],
+    view: RoutingView,
+    *,
+    subject_token: str | None = None,
+) -> Decision:
+    """Decide for ``msg`` addressed to the accounts named in ``receiving`` (at least one).
+
+    ``subject_token``: the token shape our subjects carry (``notify.subject_token``), so
+    the thread rules can read it back; None when there is none.
+    """
+    facts = Facts(msg, receiving, view, subject_token)
     for rule in RULES:
         decision = rule.check(facts)
         if decision is not None:

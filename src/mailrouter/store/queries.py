@@ -143,7 +143,7 @@ _M, _R, _RC, _I = MESSAGES.c, MESSAGE_REFS.c, MESSAGE_RECIPIENTS.c, INTERACTIONS
 # Built once: these run several times per message, and building a statement costs more
 # than executing it on SQLite (expanding IN-lists keep one cached compilation).
 _INTERACTIONS_OF = (
-    select(_M.message_id, _M.interaction_id)
+    select(_M.message_id, _M.interaction_id, _M.direction)
     .where(_M.message_id.in_(bindparam("ids", expanding=True)), _M.interaction_id.is_not(None))
     .order_by(_M.id)
 )
@@ -173,20 +173,31 @@ class StoreView:
     def __init__(self, session: Session, accounts: AccountMap) -> None:
         self.conn = session.connection()
         self.accounts = accounts
+        # Direction of the stored message interactions_of named for an id, kept from that
+        # same query: outbound() is then answered without another round trip.
+        self._direction: dict[str, str] = {}
 
-    def _first_interaction(self, stmt: Select[Any], ids: Sequence[str]) -> dict[str, int]:
+    def _first(self, stmt: Select[Any], ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
         if not ids:
             return {}
-        out: dict[str, int] = {}
-        for mid, iid in self.conn.execute(stmt, {"ids": list(ids)}):
-            out.setdefault(mid, iid)
+        out: dict[str, tuple[Any, ...]] = {}
+        for mid, *rest in self.conn.execute(stmt, {"ids": list(ids)}):
+            out.setdefault(mid, tuple(rest))
         return out
 
     def interactions_of(self, ids: Sequence[str]) -> dict[str, int]:
-        return self._first_interaction(_INTERACTIONS_OF, ids)
+        found = self._first(_INTERACTIONS_OF, ids)
+        self._direction.update({mid: direction for mid, (_iid, direction) in found.items()})
+        return {mid: iid for mid, (iid, _direction) in found.items()}
 
     def interactions_referencing(self, ids: Sequence[str]) -> dict[str, int]:
-        return self._first_interaction(_INTERACTIONS_REFERENCING, ids)
+        return {mid: iid for mid, (iid,) in self._first(_INTERACTIONS_REFERENCING, ids).items()}
+
+    def outbound(self, ids: Sequence[str]) -> set[str]:
+        missing = [mid for mid in ids if mid not in self._direction]
+        if missing:
+            self.interactions_of(missing)
+        return {mid for mid in ids if self._direction.get(mid) == "outbound"}
 
     def owner_of(self, interaction_id: int) -> str:
         account_id = self.conn.scalar(_OWNER, {"iid": interaction_id})

@@ -7,14 +7,15 @@ top to bottom; the first that finds an interaction decides and is named in the l
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Protocol
 
 from mailrouter.parse import ParsedMessage
 
-__all__ = ["RULES", "Resolution", "ThreadIndex", "resolve"]
+__all__ = ["RULES", "Resolution", "ThreadIndex", "resolve", "token_pattern"]
 
 
 class ThreadIndex(Protocol):
@@ -25,6 +26,10 @@ class ThreadIndex(Protocol):
 
     def interactions_referencing(self, ids: Sequence[str]) -> dict[str, int]:
         """Ids that some stored message points at (In-Reply-To/References) → its interaction."""
+
+    def outbound(self, ids: Sequence[str]) -> set[str]:
+        """Those of ``ids`` whose stored message (the one :meth:`interactions_of` names) is
+        one we sent: a notice or an agent's reply."""
 
     def participants(self, interaction_id: int) -> set[str]:
         """Lower-case addresses known in the interaction: its customer, every sender of
@@ -40,6 +45,14 @@ class Resolution:
     note: str | None = None
 
 
+@cache
+def token_pattern(token: str) -> re.Pattern[str]:
+    """The regular expression that finds subject tokens of the shape ``token``
+    (``[#{id}]`` → ``[#42]``); the interaction id is its one group."""
+    head, _field, tail = token.partition("{id}")
+    return re.compile(re.escape(head) + r"([0-9]{1,18})" + re.escape(tail))
+
+
 class Facts:
     """The look-ups every rule may use, each done at most once per message (indexed queries).
 
@@ -47,11 +60,19 @@ class Facts:
     stored, decided by the first three rules, so that second query is made on first use.
     """
 
-    def __init__(self, msg: ParsedMessage, index: ThreadIndex, *, identical: bool = False) -> None:
+    def __init__(
+        self,
+        msg: ParsedMessage,
+        index: ThreadIndex,
+        *,
+        identical: bool = False,
+        subject_token: str | None = None,
+    ) -> None:
         self.msg = msg
         self._index = index
         # An identical copy of this very message is stored (same id and content hash).
         self.identical = identical
+        self.token = token_pattern(subject_token) if subject_token else None
         self.known = index.interactions_of([msg.message_id, *msg.parents])
         # From only: Reply-To is whatever the sender wants answers to go to, so naming a
         # customer there must not make a stranger a participant.
@@ -63,7 +84,25 @@ class Facts:
     def referenced(self) -> dict[str, int]:
         return self._index.interactions_referencing([*self.msg.parents, self.msg.message_id])
 
-    def weak(self, rule: str, interaction_id: int, mid: str) -> Resolution | None:
+    @cached_property
+    def outbound(self) -> set[str]:
+        """Which of the known ids are messages we sent (asked only once a parent matched)."""
+        return self._index.outbound(list(self.known))
+
+    def parent(self, rule: str, mid: str) -> Resolution | None:
+        """Follow a stored parent: strong for mail we received, weak for mail we sent.
+
+        The Message-ID of one of our notices or replies is in the customer's mailbox, and
+        in any mailbox it was forwarded to: someone who answers it is not for that alone
+        a party to the conversation (reliability issue, "Thread hijack").
+        """
+        if mid in self.outbound:
+            return self.weak(rule, self.known[mid], mid)
+        return Resolution(self.known[mid], rule, mid)
+
+    def weak(
+        self, rule: str, interaction_id: int, mid: str | None, *, signal: str | None = None
+    ) -> Resolution | None:
         """Follow a weak signal only for a known participant of that interaction.
 
         Message-IDs can be guessed or copied: a stranger who reuses a customer's
@@ -76,8 +115,9 @@ class Facts:
             ok = bool(self.sender & self._index.participants(interaction_id))
             self._participant[interaction_id] = ok
         if ok:
-            return Resolution(interaction_id, rule, mid)
-        self.refused.append(f"{rule} <{mid}> ignored: sender not a participant of {interaction_id}")
+            return Resolution(interaction_id, rule, mid, note=signal)
+        shown = signal or f"<{mid}>"
+        self.refused.append(f"{rule} {shown} ignored: sender not a participant of {interaction_id}")
         return None
 
 
@@ -104,23 +144,50 @@ class KnownMessage:
 
 class InReplyTo:
     name = "in-reply-to"
-    description = "its In-Reply-To names a stored message"
+    description = (
+        "its In-Reply-To names a stored message (one we sent: only for a known participant)"
+    )
 
     def check(self, facts: Facts) -> Resolution | None:
         for mid in facts.msg.in_reply_to:
             if mid in facts.known:
-                return Resolution(facts.known[mid], self.name, mid)
+                found = facts.parent(self.name, mid)
+                if found is not None:
+                    return found
         return None
 
 
 class References:
     name = "references"
-    description = "its References name a stored message (nearest parent first)"
+    description = (
+        "its References name a stored message, nearest parent first "
+        "(one we sent: only for a known participant)"
+    )
 
     def check(self, facts: Facts) -> Resolution | None:
         for mid in reversed(facts.msg.references):
             if mid in facts.known and mid != facts.msg.message_id:
-                return Resolution(facts.known[mid], self.name, mid)
+                found = facts.parent(self.name, mid)
+                if found is not None:
+                    return found
+        return None
+
+
+class SubjectToken:
+    name = "subject-token"
+    description = (
+        "its subject carries an interaction's token ([#42]) and a known participant sent it"
+    )
+
+    def check(self, facts: Facts) -> Resolution | None:
+        if facts.token is None:
+            return None
+        # A client that drops References (some webmail, a forward by hand) still keeps the
+        # subject.  The token is a weak signal: interaction ids are small numbers.
+        for match in facts.token.finditer(facts.msg.subject[:1000]):
+            found = facts.weak(self.name, int(match.group(1)), None, signal=match.group(0))
+            if found is not None:
+                return found
         return None
 
 
@@ -152,19 +219,27 @@ RULES: tuple[ThreadRule, ...] = (
     KnownMessage(),
     InReplyTo(),
     References(),
+    SubjectToken(),
     SharedReference(),
     ReferencedBy(),
 )
 NEW_INTERACTION = "new-interaction"
 
 
-def resolve(msg: ParsedMessage, index: ThreadIndex, *, identical: bool = False) -> Resolution:
+def resolve(
+    msg: ParsedMessage,
+    index: ThreadIndex,
+    *,
+    identical: bool = False,
+    subject_token: str | None = None,
+) -> Resolution:
     """Run the rule chain; no match means the message opens a new interaction.
 
     ``identical``: an identical copy of ``msg`` is already stored (a Cc to a second
-    account, a redelivery), so its own Message-ID is a strong signal.
+    account, a redelivery), so its own Message-ID is a strong signal.  ``subject_token``:
+    the configured token shape (``notify.subject_token``, ``[#{id}]``), or None for none.
     """
-    facts = Facts(msg, index, identical=identical)
+    facts = Facts(msg, index, identical=identical, subject_token=subject_token)
     for rule in RULES:
         found = rule.check(facts)
         if found is not None:
