@@ -28,6 +28,7 @@ from mailrouter.errors import Refused
 from mailrouter.log import event
 from mailrouter.notify import (
     Composed,
+    NoticeSuppressed,
     TemplateError,
     answer_address,
     compose_notice,
@@ -183,12 +184,17 @@ def _prepare(rt: Runtime, interaction_id: int, target: AccountSettings, actor: s
             agent=actor,
             now=now,
         )
+    except NoticeSuppressed as exc:
+        return _Plan(snapshot, now, "suppressed", exc.reason)
     except TemplateError as exc:
         # The account promises customers a notice on every transfer, but a broken
         # template must not keep a conversation with the wrong team: the transfer goes
         # ahead and the failure is recorded where operators look.
         reason = f"notice template of account {source.name} failed: {exc}"
         return _Plan(snapshot, now, "failed", reason, to_address=address)
+    except ValueError as exc:
+        # The composed message failed its own header check: never send it.
+        return _Plan(snapshot, now, "failed", f"notice not composed: {exc}", to_address=address)
     return _Plan(snapshot, now, "queued", notice=notice, to_address=address)
 
 

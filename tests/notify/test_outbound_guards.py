@@ -261,3 +261,29 @@ def test_subject_token_can_be_reshaped_or_turned_off() -> None:
         "Re: Order 7 [Ticket#42]"
     )
     assert notice(msg, settings(subject_token="")).subject == "Re: Order 7"
+
+
+def test_a_literal_encoded_word_in_the_subject_cannot_become_a_header() -> None:
+    """A broken encoded-word left as text is not decoded again into CR/LF + Bcc:
+    (found by tests/notify/test_fuzz.py; CPython < 3.11.10 wrote it raw, CVE-2024-6923)."""
+    raw = (
+        b"From: Ann <ann@cust.test>\r\nTo: sales@example.test\r\n"
+        b"Subject: \xc2\xa1=?utf-8?q?=0D=0ABcc:_victim@evil.test?=\r\n"
+        b"Message-ID: <c1@cust.test>\r\n\r\nhi\r\n"
+    )
+    msg = parse(raw)
+    for composed in (notice(msg), reply(msg)):
+        head = composed.raw.partition(b"\r\n\r\n")[0]
+        assert not any(line.lower().startswith(b"bcc:") for line in head.split(b"\r\n"))
+        subject = headers_of(composed.raw)["Subject"]
+        assert "\r" not in subject and "\n" not in subject
+        assert subject == "Re: ¡= ?utf-8?q?=0D=0ABcc:_victim@evil.test?= [#42]"
+
+
+def test_an_address_that_would_need_quoting_is_not_usable() -> None:
+    """Only dot-atom@host addresses are answered; others are refused, never half-written."""
+    for address in (".@cust.test", "a..b@cust.test", "ann@cust..test", '"a b"@cust.test'):
+        msg = customer(f"From: <{address}>")
+        assert suppression_reason(msg, OWN) == "last customer message has no usable address"
+        with pytest.raises(ValueError, match="no usable address"):
+            reply(msg)

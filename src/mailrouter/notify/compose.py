@@ -52,9 +52,12 @@ _MAX_OUT_ID = _HARD_LIMIT - len("In-Reply-To: <>")
 # An id we can write as-is: printable ASCII without whitespace or angle brackets.  parse()
 # is lenient and may hand back ids that are not; those are left out rather than encoded.
 _ID_RE = re.compile(r"^[!-;=?-~]+$")
-# A deliverable address: local@domain, ASCII (no SMTPUTF8 on the way out), no whitespace,
-# quotes or brackets that would need quoting in a header.
-_ADDRESS_RE = re.compile(r"^[!#-'*-+\-./-9=?A-Z^-~]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_ID_FIELDS = {"message-id", "in-reply-to", "references"}
+# A deliverable address: a dot-atom local part @ a host name, ASCII (no SMTPUTF8 on the
+# way out): nothing that would need quoting in a header, so ``Address`` never refuses it.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_ADDRESS_RE = re.compile(rf"^{_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*$")
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,40 @@ def _with_token(subject: str, token: str | None) -> str:
     if token is None or token in subject:
         return subject
     return f"{subject} {token}" if subject else token
+
+
+def _header_text(text: str, limit: int | None = None) -> str:
+    """A value for an unstructured header or a display name: one line, no controls, cut
+    to ``limit``, and no ``=?`` left that could read as an encoded-word.
+
+    Our values are decoded text.  A literal ``=?utf-8?q?=0D=0ABcc:…?=`` left in one (a
+    customer's broken encoded-word) is decoded *again* by the email package when it writes
+    the header, into a CR/LF; CPython before 3.11.10 / 3.12.5 even wrote that CR/LF raw,
+    starting a new header field (CVE-2024-6923).  ``= ?`` reads the same to a person.
+    """
+    text = one_line(text)
+    if limit is not None:
+        text = cap(text, limit)
+    return text.replace("=?", "= ?")
+
+
+def _check_head(raw: bytes, allowed: set[str]) -> None:
+    """Refuse a composed message whose header section holds anything we did not write.
+
+    Defence in depth behind :func:`_header_text`: each physical line is a field we set
+    (each once) or a folded continuation, and no CR or LF stands alone.
+    """
+    head = raw.partition(b"\r\n\r\n")[0]
+    seen: set[bytes] = set()
+    for line in head.split(b"\r\n"):
+        if b"\r" in line or b"\n" in line or len(line) > _HARD_LIMIT:
+            raise ValueError("composed header has a bare line break or an overlong line")
+        if line[:1] in (b" ", b"\t"):
+            continue
+        name = line.partition(b":")[0].lower()
+        if name.decode("ascii", "replace") not in allowed or name in seen:
+            raise ValueError(f"composed header has an unexpected field: {name!r}")
+        seen.add(name)
 
 
 def _writable(mid: str) -> bool:
@@ -242,16 +279,16 @@ def _build(
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     limit = settings.notify.max_subject_length
-    subject = _with_token(
-        cap(one_line(subject), limit), subject_token(settings.notify, interaction_id)
+    subject = _header_text(
+        _with_token(cap(one_line(subject), limit), subject_token(settings.notify, interaction_id))
     )
     # Name the recipient only when the name belongs to the address we write to: a From
     # name next to a Reply-To address (often a shared or a different mailbox) would lie.
     to_name = customer.from_name if to_address == customer.from_email else ""
 
     msg = EmailMessage(policy=_POLICY)
-    msg["From"] = Address(one_line(account.display_name or ""), addr_spec=account.address)
-    msg["To"] = Address(cap(one_line(to_name), limit), addr_spec=to_address)
+    msg["From"] = Address(_header_text(account.display_name or ""), addr_spec=account.address)
+    msg["To"] = Address(_header_text(to_name, limit), addr_spec=to_address)
     msg["Subject"] = subject
     msg["Date"] = format_datetime(when.astimezone(UTC))
     if automatic:
@@ -280,6 +317,7 @@ def _build(
         + b"\r\n"
         + body
     )
+    _check_head(raw, {k.lower() for k in msg} | _ID_FIELDS)
     return Composed(
         message_id=message_id,
         raw=raw,
