@@ -218,3 +218,16 @@ def test_check_templates_refuses_sandbox_escapes(tmp_path: Path) -> None:
         [problem] = check_templates(settings_for(tmp_path))
         assert problem.startswith("accounts.sales.transfer.template: ")
         assert "not allowed in the sandbox" in problem or "template not found" in problem
+
+
+def test_a_render_process_that_cannot_start_is_a_template_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No process to render in (fork refused): a template error, not a crash."""
+    from multiprocessing.process import BaseProcess
+
+    def refuse(self: BaseProcess) -> None:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(BaseProcess, "start", refuse)
+    refused(tmp_path, "hi\n", "cannot start the render process: .*Resource temporarily")

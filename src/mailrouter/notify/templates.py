@@ -442,10 +442,12 @@ def _render_isolated(
         name="mailrouter-render",
         daemon=True,
     )
+    started = False
     try:
         try:
             proc.start()
-        except OSError as exc:
+            started = True
+        except (OSError, RuntimeError) as exc:  # no fork, no forkserver socket, …
             raise TemplateError(current, f"cannot start the render process: {exc}") from exc
         finally:
             writer.close()
@@ -476,10 +478,11 @@ def _render_isolated(
                     raise TemplateError(current, "unexpected answer from the render process")
     finally:
         reader.close()
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
-        proc.close()
+        if started:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+            proc.close()
 
 
 def render_notice(
