@@ -196,3 +196,16 @@ def test_subject_token_is_ignored_when_turned_off(tmp_path: Path) -> None:
         token = f"Subject: Re: chairs [#{alice.interaction_id}]\n".encode()
         again = accept(p, CUSTOMER + b"Message-ID: <a2@customer.test>\n" + token + b"\nok\n")
         assert again.interaction_id != alice.interaction_id
+
+
+def test_a_forged_from_of_our_own_account_is_not_a_participant(tmp_path: Path) -> None:
+    """Our accounts are addressees of every conversation, but From: sales@… (anyone can
+    write it) never passes the participant check of a weak signal."""
+    forged = b"From: Sales <sales@example.test>\nTo: sales@example.test\n"
+    with pipeline(make_settings(tmp_path)) as p:
+        alice = accept(p, mail(CUSTOMER, b"Message-ID: <a1@customer.test>\n"))
+        iid = alice.interaction_id
+        token = f"Subject: Re: chairs [#{iid}]\n".encode()
+        spoof = accept(p, forged + b"Message-ID: <s1@elsewhere.test>\n" + token + b"\nhi\n")
+        assert spoof.interaction_id != iid
+        assert spoof.decision.rule == "new-interaction"

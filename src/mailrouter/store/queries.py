@@ -162,6 +162,7 @@ _SENDERS = select(_M.from_addr, _M.reply_to, _M.to_addrs).where(
     _M.interaction_id == bindparam("iid"), _M.direction == "inbound"
 )
 _CUSTOMER = select(_I.customer_address).where(_I.id == bindparam("iid"))
+_OUR_ADDRESSES = select(Account.address)
 
 
 class StoreView:
@@ -176,6 +177,7 @@ class StoreView:
         # Direction of the stored message interactions_of named for an id, kept from that
         # same query: outbound() is then answered without another round trip.
         self._direction: dict[str, str] = {}
+        self._our_addresses: set[str] | None = None
 
     def _first(self, stmt: Select[Any], ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
         if not ids:
@@ -205,14 +207,20 @@ class StoreView:
         return self.accounts.name(account_id)
 
     def participants(self, interaction_id: int) -> set[str]:
-        # Whoever wrote in it, and whoever they addressed (a colleague on Cc); our own
-        # accounts are among the addressees but never send inbound mail.
+        # Whoever wrote in it, and whoever they addressed (a colleague on Cc).  Our own
+        # accounts are among the addressees, but they are left out: they never send
+        # inbound mail, and anyone can write From: sales@… to pass for a participant.
         found = {self.conn.scalar(_CUSTOMER, {"iid": interaction_id}) or ""}
         for from_addr, reply_to, to_addrs in self.conn.execute(_SENDERS, {"iid": interaction_id}):
             found.add(parseaddr(from_addr or "")[1])
             found.add(reply_to or "")
             found.update((to_addrs or "").split(", "))
-        return {a.strip().lower() for a in found if a}
+        return {a.strip().lower() for a in found if a} - self._ours()
+
+    def _ours(self) -> set[str]:
+        if self._our_addresses is None:
+            self._our_addresses = {a.lower() for a in self.conn.scalars(_OUR_ADDRESSES)}
+        return self._our_addresses
 
     def existing(self, message_id: str, content_hash: str) -> tuple[int, set[str]] | None:
         pk = self.conn.scalar(_EXISTING, {"mid": message_id, "h": content_hash})
