@@ -88,11 +88,17 @@ class Daemon:
             raise StartupError("notice templates: " + "; ".join(problems))
         self.runtime = await asyncio.to_thread(Runtime.open, s)
         self.pipeline = Pipeline(self.runtime)
-        self.worker = OutboxWorker(self.runtime)
+        self.worker = OutboxWorker(
+            self.runtime, name=s.instance_name or f"{socket.gethostname()}:{s.state_dir}"
+        )
         worker = self.worker
+        # Registering retires this name's dead predecessor and frees its claims at once,
+        # before the first round (a crash must not strand work until a lease runs out).
+        await self.runtime.writes.submit(worker.register_in)
         self.tasks.append(
             asyncio.create_task(self.supervise("outbox", lambda: worker.run(self.stop)))
         )
+        self.tasks.append(asyncio.create_task(self.supervise("heartbeat", self._beat)))
         for name, listener, lmtp in (("smtp", s.smtp, False), ("lmtp", s.lmtp, True)):
             if listener.enabled:
                 listener_ = await start_listener(
@@ -126,6 +132,10 @@ class Daemon:
         sd_notify("READY=1")
         self.ready.set()
 
+    async def _beat(self) -> None:
+        assert self.worker is not None
+        await self.worker.beat(self.stop)
+
     async def shutdown(self) -> None:
         sd_notify("STOPPING=1")
         event(log, "stopping", timeout=self.settings.shutdown_timeout)
@@ -148,6 +158,12 @@ class Daemon:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.worker is not None:
+            try:
+                await self.worker.retire()
+            except Exception as exc:  # noqa: BLE001 - a store problem at stop: logged
+                # Not fatal: the next start of this name retires it anyway.
+                event(log, "retire-failed", logging.WARNING, exc_info=exc)
         if self.runtime is not None:
             await self.runtime.aclose()
         event(log, "stopped")

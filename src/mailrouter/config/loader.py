@@ -337,7 +337,9 @@ def load_from_text(
     log = top.sub("log")
     log_format = log.choice("format")
     log_level = log.choice("level")
-    shutdown_timeout = top.sub("daemon").positive("shutdown_timeout", float)
+    daemon = top.sub("daemon")
+    shutdown_timeout = daemon.positive("shutdown_timeout", float)
+    instance_name = daemon.get("instance_name", str)
     hostname = top.get("hostname", str)
 
     return Settings(
@@ -356,6 +358,7 @@ def load_from_text(
         log_level=log_level,
         hostname=hostname,
         shutdown_timeout=shutdown_timeout,
+        instance_name=instance_name,
     )
 
 
@@ -491,14 +494,21 @@ def _outbound(d: _Table, env: Mapping[str, str], state_path: Any) -> OutboundSet
 
 
 def _outbox(d: _Table) -> OutboxSettings:
-    return OutboxSettings(
+    out = OutboxSettings(
         initial_backoff=d.positive("initial_backoff", float),
         max_backoff=d.positive("max_backoff", float),
         lifetime=d.positive("lifetime", float),
         batch=d.positive("batch", int),
         lease=d.positive("lease", float),
         poll_interval=d.positive("poll_interval", float),
+        heartbeat=d.positive("heartbeat", float),
+        dead_after=d.positive("dead_after", float),
     )
+    if out.dead_after < 2 * out.heartbeat:
+        # One late beat must not make a live instance look dead (its claims would be
+        # taken and delivered twice).
+        raise d.fail("dead_after", "must be at least twice outbox.heartbeat")
+    return out
 
 
 def _listener(top: _Table, name: str, env: Mapping[str, str], config_dir: Path) -> ListenerSettings:

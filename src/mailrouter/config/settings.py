@@ -168,6 +168,10 @@ class OutboxSettings:
     batch: int = 50
     lease: float = 300.0  # a claimed row not finished within this is claimable again
     poll_interval: float = 5.0
+    # A running instance beats this often; one silent for dead_after seconds is taken for
+    # dead and its claims come back (a restart takes its own back at once).
+    heartbeat: float = 2.0
+    dead_after: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,8 @@ class Settings:
     )
     hostname: str = "mailrouter.invalid"
     shutdown_timeout: float = field(default=30.0, metadata=_in_file("daemon.shutdown_timeout"))
+    # Names this daemon's claims across restarts; default "<host>:<state dir>".
+    instance_name: str | None = field(default=None, metadata=_in_file("daemon.instance_name"))
 
     def account(self, name_or_address: str) -> AccountSettings:
         """The account named ``name_or_address`` (its name or its address), or KeyError."""

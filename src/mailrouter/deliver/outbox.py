@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -27,9 +30,10 @@ from mailrouter.deliver.mailbox import deliver_to_account, send_outbound, with_t
 from mailrouter.log import event
 from mailrouter.notify.compose import Composed
 from mailrouter.parse import format_id, parse
-from mailrouter.retry import backoff, wait_first
+from mailrouter.retry import backoff, wait_first, wait_unless_stopped
 from mailrouter.runtime import Runtime
 from mailrouter.store.inserts import add_message, insert_outbox
+from mailrouter.store.instances import claim_is_dead, heartbeat, register, retire
 from mailrouter.store.models import Direction, Message, Outbox, OutboxKind, OutboxStatus, utcnow
 
 __all__ = ["Job", "OutboxWorker", "enqueue", "queue_outbound"]
@@ -124,9 +128,19 @@ def queue_outbound(
 
 
 class OutboxWorker:
-    def __init__(self, rt: Runtime) -> None:
+    """Claims due outbox rows in batches and delivers them.
+
+    Each worker is one *instance* (``store/instances.py``): its claims carry its id, it
+    beats while it runs, and it retires when it stops.  ``name`` is stable across
+    restarts for the daemon (so a restart takes back the dead predecessor's claims at
+    once); a worker without one (a CLI flush, a test) gets a name of its own.
+    """
+
+    def __init__(self, rt: Runtime, *, name: str | None = None) -> None:
         self.rt = rt
         self.settings = rt.settings
+        self.name = name or f"worker:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.instance_id: str | None = None
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -139,13 +153,21 @@ class OutboxWorker:
         with self.rt.db.write() as s:
             return self._claim_in(s, limit)
 
+    def register_in(self, s: Session) -> str:
+        if self.instance_id is None:
+            self.instance_id = register(s, self.name, utcnow())
+        return self.instance_id
+
     def _claim_in(self, s: Session, limit: int) -> list[Job]:
+        me = self.register_in(s)
         now = utcnow()
         lease = now + timedelta(seconds=self.settings.outbox.lease)
         due = or_(
             (Outbox.status == OutboxStatus.PENDING.value) & (Outbox.next_attempt_at <= now),
-            # A worker that died mid-delivery left its rows "sending": take them back.
-            (Outbox.status == OutboxStatus.SENDING.value) & (Outbox.claimed_until < now),
+            # A worker that died mid-delivery left its rows "sending": take them back once
+            # its instance is retired or silent (seconds), or its lease ran out.
+            (Outbox.status == OutboxStatus.SENDING.value)
+            & claim_is_dead(now, self.settings.outbox.dead_after),
         )
         jobs: list[Job] = []
         # SKIP LOCKED lets several instances share the PostgreSQL outbox; SQLAlchemy
@@ -167,13 +189,14 @@ class OutboxWorker:
             .values(
                 status=OutboxStatus.SENDING.value,
                 claimed_until=lease,
+                claimed_by=me,
                 attempts=Outbox.attempts + 1,
             )
         )
         rows = s.execute(
             select(Outbox, Message)
             .outerjoin(Message, Message.id == Outbox.message_pk)
-            .where(Outbox.id.in_(ids), Outbox.claimed_until == lease)
+            .where(Outbox.id.in_(ids), Outbox.claimed_by == me, Outbox.claimed_until == lease)
             .order_by(Outbox.id)
         ).all()
         for ob, msg in rows:
@@ -225,16 +248,36 @@ class OutboxWorker:
                 "next_attempt_at": min(now + timedelta(seconds=delay), job.deadline),
             }
         values["claimed_until"] = None
-        s.execute(update(Outbox).where(Outbox.id == job.id).values(**values))
+        values["claimed_by"] = None
+        # Fenced on our claim: if we were taken for dead and the row was claimed again,
+        # the newer claim's outcome is the one that counts.
+        res = s.execute(
+            update(Outbox)
+            .where(
+                Outbox.id == job.id,
+                Outbox.claimed_by == self.instance_id,
+                Outbox.status == OutboxStatus.SENDING.value,
+            )
+            .values(**values)
+        )
+        if not getattr(res, "rowcount", 0):
+            return "claim-lost"
         return str(values["status"])
 
     def _release_in(self, s: Session, jobs: list[Job]) -> None:
         """Give back claimed jobs that were never attempted (stopping)."""
         s.execute(
             update(Outbox)
-            .where(Outbox.id.in_([j.id for j in jobs]), Outbox.status == OutboxStatus.SENDING.value)
+            .where(
+                Outbox.id.in_([j.id for j in jobs]),
+                Outbox.status == OutboxStatus.SENDING.value,
+                Outbox.claimed_by == self.instance_id,
+            )
             .values(
-                status=OutboxStatus.PENDING.value, claimed_until=None, attempts=Outbox.attempts - 1
+                status=OutboxStatus.PENDING.value,
+                claimed_until=None,
+                claimed_by=None,
+                attempts=Outbox.attempts - 1,
             )
         )
 
@@ -318,6 +361,25 @@ class OutboxWorker:
                 break
             done += n
         return done
+
+    async def beat(self, stop: asyncio.Event) -> None:
+        """Say this instance is alive every ``outbox.heartbeat`` seconds until ``stop``."""
+        while not await wait_unless_stopped(stop, self.settings.outbox.heartbeat):
+            alive = await self.rt.writes.submit(self._beat_in)
+            if not alive:
+                # A newer incarnation of our name started (a second daemon on the same
+                # state?) and took our claims back: ours are no longer ours to finish.
+                event(log, "instance-retired", logging.ERROR, name=self.name)
+                self.instance_id = None
+
+    def _beat_in(self, s: Session) -> bool:
+        return heartbeat(s, self.register_in(s), utcnow())
+
+    async def retire(self) -> None:
+        """Stopping: mark this instance stopped and give back any claim still held."""
+        if self.instance_id is not None:
+            me, self.instance_id = self.instance_id, None
+            await self.rt.writes.submit(lambda s: retire(s, [me], utcnow()))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; jobs in hand finish, unstarted ones are given back."""

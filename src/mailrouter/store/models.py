@@ -31,6 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
+    "INSTANCES",
     "INTERACTIONS",
     "MESSAGES",
     "MESSAGE_RECIPIENTS",
@@ -40,6 +41,7 @@ __all__ = [
     "Base",
     "Direction",
     "ImapState",
+    "Instance",
     "Interaction",
     "Message",
     "MessageRecipient",
@@ -245,10 +247,33 @@ class Outbox(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     deadline: Mapped[datetime] = mapped_column(UTCDateTime())
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The instance (process incarnation) holding the claim: its heartbeat decides when a
+    # claim of a dead process comes back, and finishing is fenced on it.
+    claimed_by: Mapped[str | None] = mapped_column(String(32))
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
 
     account: Mapped[Account] = relationship(lazy="joined")
+
+
+class Instance(Base):
+    """One incarnation of a process that claims work (a daemon, or a CLI flush).
+
+    ``name`` is stable across restarts of the same daemon (host and state directory, or
+    ``daemon.instance_name``); ``id`` is new at every start.  A new incarnation retires
+    its name's older ones at once, so their claims are not left to run out.
+    """
+
+    __tablename__ = "instances"
+    __table_args__ = (Index("ix_instances_name", "name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(300))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class ImapState(Base):
@@ -267,3 +292,4 @@ MESSAGES = cast(Table, Message.__table__)
 MESSAGE_REFS = cast(Table, MessageRef.__table__)
 MESSAGE_RECIPIENTS = cast(Table, MessageRecipient.__table__)
 OUTBOX = cast(Table, Outbox.__table__)
+INSTANCES = cast(Table, Instance.__table__)
