@@ -24,14 +24,17 @@ def with_trace_headers(raw: bytes, interaction_id: int | None, routed_from: str 
 
 
 async def deliver_to_account(
-    account: AccountSettings, raw: bytes, *, message_id: str, key: str
+    account: AccountSettings, raw: bytes, *, message_id: str, key: str, retry: bool = True
 ) -> None:
-    """Deliver into ``account``'s mailbox; raises a DeliveryError on failure."""
+    """Deliver into ``account``'s mailbox; raises a DeliveryError on failure.
+
+    ``retry``: an earlier attempt of this job may have delivered it (see maildir_deliver).
+    """
     d = account.delivery
     if d.type == "maildir":
         assert d.path is not None
         try:
-            await asyncio.to_thread(maildir_deliver, d.path, raw, key)
+            await asyncio.to_thread(maildir_deliver, d.path, raw, key, retry=retry)
         except OSError as exc:
             # A full disk or a permission problem is an operator's fix away: retry.
             raise TemporaryDeliveryError(f"maildir {d.path}: {exc}") from exc

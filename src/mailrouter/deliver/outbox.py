@@ -286,7 +286,14 @@ class OutboxWorker:
     async def _attempt(self, job: Job) -> None:
         if job.kind == OutboxKind.DELIVER.value:
             acc = self.settings.account(job.account)
-            await deliver_to_account(acc, job.payload, message_id=job.message_id, key=job.key)
+            # The first claim of a row cannot have delivered before: no search for a copy.
+            await deliver_to_account(
+                acc,
+                job.payload,
+                message_id=job.message_id,
+                key=job.key,
+                retry=job.attempts > 1,
+            )
         else:
             await send_outbound(
                 self.settings.outbound,
