@@ -110,7 +110,14 @@ class Daemon:
             from mailrouter.ingest.imap import ImapWatcher
 
             for acc in watched:
-                watcher = ImapWatcher(self.pipeline, acc, on_accepted=worker.wake)
+                # Watched only while this instance holds the mailbox's lease: with
+                # several instances on one PostgreSQL, exactly one watches it.
+                watcher = ImapWatcher(
+                    self.pipeline,
+                    acc,
+                    on_accepted=worker.wake,
+                    holder=lambda: worker.instance_id,
+                )
                 run_watcher = functools.partial(watcher.run, self.stop)
                 self.tasks.append(
                     asyncio.create_task(self.supervise(f"imap:{acc.name}", run_watcher))

@@ -33,6 +33,7 @@ from sqlalchemy.types import TypeDecorator
 __all__ = [
     "INSTANCES",
     "INTERACTIONS",
+    "LEASES",
     "MESSAGES",
     "MESSAGE_RECIPIENTS",
     "MESSAGE_REFS",
@@ -43,6 +44,7 @@ __all__ = [
     "ImapState",
     "Instance",
     "Interaction",
+    "Lease",
     "Message",
     "MessageRecipient",
     "MessageRef",
@@ -276,6 +278,18 @@ class Instance(Base):
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class Lease(Base):
+    """Work only one instance may do at a time (watching one IMAP mailbox): held by an
+    instance until ``expires_at``, renewed while it is healthy."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(600), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(32))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class ImapState(Base):
     __tablename__ = "imap_state"
 
@@ -293,3 +307,4 @@ MESSAGE_REFS = cast(Table, MessageRef.__table__)
 MESSAGE_RECIPIENTS = cast(Table, MessageRecipient.__table__)
 OUTBOX = cast(Table, Outbox.__table__)
 INSTANCES = cast(Table, Instance.__table__)
+LEASES = cast(Table, Lease.__table__)

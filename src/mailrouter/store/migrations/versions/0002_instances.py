@@ -1,4 +1,4 @@
-"""instances and claim owners: claims of a dead process come back at once
+"""instances, claim owners and leases: a dead process's work comes back in seconds
 
 Revision ID: 0002
 Revises: 0001
@@ -31,6 +31,14 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_instances")),
     )
     op.create_index("ix_instances_name", "instances", ["name"])
+    op.create_table(
+        "leases",
+        sa.Column("name", sa.String(length=600), nullable=False),
+        sa.Column("holder", sa.String(length=32), nullable=False),
+        sa.Column("expires_at", mailrouter.store.models.UTCDateTime(), nullable=False),
+        sa.Column("acquired_at", mailrouter.store.models.UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_leases")),
+    )
     with op.batch_alter_table("outbox") as batch:
         batch.add_column(sa.Column("claimed_by", sa.String(length=32), nullable=True))
 
@@ -38,5 +46,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("outbox") as batch:
         batch.drop_column("claimed_by")
+    op.drop_table("leases")
     op.drop_index("ix_instances_name", table_name="instances")
     op.drop_table("instances")
