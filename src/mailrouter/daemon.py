@@ -95,9 +95,7 @@ class Daemon:
         )
         for name, listener, lmtp in (("smtp", s.smtp, False), ("lmtp", s.lmtp, True)):
             if listener.enabled:
-                listener_ = await start_listener(
-                    self.pipeline, listener, lmtp=lmtp, on_accepted=worker.wake
-                )
+                listener_ = await start_listener(self.pipeline, lmtp=lmtp, on_accepted=worker.wake)
                 self.listeners.append((name, listener_))
         watched = [a for a in s.accounts if a.imap is not None]
         if watched:

@@ -126,8 +126,12 @@ def queue_outbound(
 class OutboxWorker:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.settings = rt.settings
         self._wake = asyncio.Event()
+
+    @property
+    def settings(self) -> Settings:
+        """The current settings (read through the runtime, so a reload applies at once)."""
+        return self.rt.settings
 
     def wake(self) -> None:
         """New work was committed: look now instead of at the next poll."""
