@@ -2,28 +2,27 @@
 
 ``startup() → main_loop() → shutdown()`` as in uvicorn: on SIGTERM or SIGINT the listeners
 stop accepting, sessions in flight get up to ``daemon.shutdown_timeout`` seconds to finish,
-the outbox worker completes the job in hand, and the process exits 0.
+the outbox worker completes the job in hand, and the process exits 0.  systemd hears about
+each step (:mod:`mailrouter.systemd`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
-import os
 import signal
-import socket
 import sys
 from collections.abc import Awaitable, Callable
 
 from mailrouter.config import Settings
-from mailrouter.deliver.outbox import OutboxWorker
+from mailrouter.deliver.outbox import OutboxWorker, queue_counts
 from mailrouter.ingest.smtp import Listener, start_listener
+from mailrouter.ingest.watchers import WatcherSet
 from mailrouter.log import event
 from mailrouter.pipeline import Pipeline
-from mailrouter.retry import backoff, wait_unless_stopped
+from mailrouter.retry import backoff, wait_first, wait_unless_stopped
 from mailrouter.runtime import Runtime
+from mailrouter.systemd import Notifier, status_text
 
 __all__ = ["Daemon", "StartupError", "run"]
 
@@ -34,32 +33,45 @@ class StartupError(Exception):
     """The daemon cannot start as configured (reported, exit status 2)."""
 
 
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about readiness; a no-op outside systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(state.encode(), addr)
+# How often the STATUS= line shown by `systemctl status` is brought up to date.
+STATUS_INTERVAL = 10.0
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
+        self._settings = settings
         self.stop = asyncio.Event()
         self.runtime: Runtime | None = None
         self.pipeline: Pipeline | None = None
         self.worker: OutboxWorker | None = None
+        self.watchers: WatcherSet | None = None
         self.listeners: list[tuple[str, Listener]] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()
+        self.notifier = notifier or Notifier()
+        self._service_tasks: list[asyncio.Task[None]] = []
+        self._service_stop = asyncio.Event()
+        self._phase = "starting"
 
-    async def supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
-        """Run a stage; if it crashes, log it and restart it with capped, jittered backoff."""
+    @property
+    def settings(self) -> Settings:
+        """The current settings: the runtime's once it is open."""
+        return self.runtime.settings if self.runtime is not None else self._settings
+
+    async def supervise(
+        self,
+        name: str,
+        factory: Callable[[], Awaitable[None]],
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        """Run a stage; if it crashes, log it and restart it with capped, jittered backoff.
+
+        ``stop`` ends one stage (an IMAP watcher that is no longer wanted); the daemon's own
+        :attr:`stop` ends them all.
+        """
+        stop = stop or self.stop
         crashes = 0
-        while not self.stop.is_set():
+        while not stop.is_set() and not self.stop.is_set():
             try:
                 await factory()
                 return
@@ -76,7 +88,8 @@ class Daemon:
                     stage=name,
                     restart_in=round(pause, 1),
                 )
-                if await wait_unless_stopped(self.stop, pause):
+                await wait_first(stop.wait(), self.stop.wait(), seconds=pause)
+                if stop.is_set() or self.stop.is_set():
                     return
 
     async def startup(self) -> None:
@@ -97,16 +110,10 @@ class Daemon:
             if listener.enabled:
                 listener_ = await start_listener(self.pipeline, lmtp=lmtp, on_accepted=worker.wake)
                 self.listeners.append((name, listener_))
-        watched = [a for a in s.accounts if a.imap is not None]
-        if watched:
-            from mailrouter.ingest.imap import ImapWatcher
-
-            for acc in watched:
-                watcher = ImapWatcher(self.pipeline, acc, on_accepted=worker.wake)
-                run_watcher = functools.partial(watcher.run, self.stop)
-                self.tasks.append(
-                    asyncio.create_task(self.supervise(f"imap:{acc.name}", run_watcher))
-                )
+        self.watchers = WatcherSet(self.pipeline, self.supervise, on_accepted=worker.wake)
+        self.watchers.start()
+        self.tasks.append(asyncio.create_task(self.watchers.run_until(self.stop)))
+        watched = self.watchers.watchers
         listening = " ".join(
             f"{n}={sock.getsockname()[0]}:{sock.getsockname()[1]}"
             for n, lst in self.listeners
@@ -121,11 +128,49 @@ class Daemon:
             database=s.database_url.split(":", 1)[0],
             state_dir=str(s.state_dir),
         )
-        sd_notify("READY=1")
+        self._phase = "accepting" if self.listeners else "running"
+        self.notifier.ready(await self._status_for_systemd())
+        self._service_tasks += [
+            # Pings go on while the daemon drains: systemd's stop timeout takes over then.
+            asyncio.create_task(self.notifier.keep_alive(self._service_stop)),
+            asyncio.create_task(self._refresh_status()),
+        ]
         self.ready.set()
 
+    # ------------------------------------------------------------------ status
+
+    async def status(self) -> str:
+        """The one-line state for systemd's STATUS= ("accepting; queue 3; imap sales ok")."""
+        counts: dict[str, int] | None = None
+        if self.runtime is not None:
+            db = self.runtime.db
+
+            def count() -> dict[str, int]:
+                with db.read() as session:
+                    return queue_counts(session)
+
+            try:
+                counts = await asyncio.to_thread(count)
+            except Exception:  # noqa: BLE001 - a status line never fails; it says "queue ?"
+                counts = None
+        imap = {n: w.state for n, w in (self.watchers.watchers if self.watchers else {}).items()}
+        return status_text(self._phase, counts, imap)
+
+    async def _status_for_systemd(self) -> str | None:
+        # Outside systemd nobody reads it: no query for nothing.
+        return await self.status() if self.notifier.enabled else None
+
+    async def _refresh_status(self) -> None:
+        last = None
+        while self.notifier.enabled and not await wait_unless_stopped(self.stop, STATUS_INTERVAL):
+            text = await self.status()
+            if text != last:
+                self.notifier.status(text)
+                last = text
+
     async def shutdown(self) -> None:
-        sd_notify("STOPPING=1")
+        self._phase = "stopping"
+        self.notifier.stopping(f"stopping; draining for up to {self.settings.shutdown_timeout:g}s")
         event(log, "stopping", timeout=self.settings.shutdown_timeout)
         self.stop.set()
         # Stop accepting; sessions in flight finish (a 250 still needs its commit, so the
@@ -148,6 +193,9 @@ class Daemon:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.runtime is not None:
             await self.runtime.aclose()
+        self._service_stop.set()
+        await asyncio.gather(*self._service_tasks, return_exceptions=True)
+        self.notifier.close()
         event(log, "stopped")
 
     async def serve(self) -> None:

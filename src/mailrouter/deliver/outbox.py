@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from mailrouter.config import Settings
@@ -32,7 +32,7 @@ from mailrouter.runtime import Runtime
 from mailrouter.store.inserts import add_message, insert_outbox
 from mailrouter.store.models import Direction, Message, Outbox, OutboxKind, OutboxStatus, utcnow
 
-__all__ = ["Job", "OutboxWorker", "enqueue", "queue_outbound"]
+__all__ = ["Job", "OutboxWorker", "enqueue", "queue_counts", "queue_outbound"]
 
 log = logging.getLogger("mailrouter.outbox")
 
@@ -121,6 +121,20 @@ def queue_outbound(
         envelope_to=composed.envelope_to,
     )
     return message_pk, outbox_pk
+
+
+def queue_counts(session: Session) -> dict[str, int]:
+    """Outbox rows waiting (pending), in hand (sending) and given up on (failed).
+
+    Cheap enough to ask every few seconds: it counts from the (status, next attempt) index.
+    """
+    wanted = [OutboxStatus.PENDING.value, OutboxStatus.SENDING.value, OutboxStatus.FAILED.value]
+    rows = session.execute(
+        select(Outbox.status, func.count()).where(Outbox.status.in_(wanted)).group_by(Outbox.status)
+    )
+    counts = dict.fromkeys(wanted, 0)
+    counts.update({status: n for status, n in rows.tuples()})
+    return counts
 
 
 class OutboxWorker:
