@@ -119,6 +119,22 @@ def test_ready_once_listening_with_a_status_line(tmp_path: Path) -> None:
         assert d.stop() == 0
 
 
+def test_sighup_brackets_the_reload_with_reloading_and_ready(tmp_path: Path) -> None:
+    """SIGHUP: RELOADING=1 + MONOTONIC_USEC (now, on CLOCK_MONOTONIC), then READY=1."""
+    with running_daemon(tmp_path) as d:
+        seen = len(d.systemd.messages)
+        before = monotonic_usec()
+        d.signal(signal.SIGHUP)
+        reloading = d.systemd.wait_for(lambda m: "RELOADING" in m.fields, after=seen)
+        assert reloading.fields["RELOADING"] == "1"
+        assert before <= int(reloading.fields["MONOTONIC_USEC"]) <= monotonic_usec()
+        index = d.systemd.messages.index(reloading)
+        ready = d.systemd.wait_for(lambda m: m.fields.get("READY") == "1", after=index + 1)
+        assert ready.fields["STATUS"].startswith("accepting; queue 0")
+        d.err.wait_for(lambda e: e["event"] == "reloaded")
+        assert d.stop() == 0
+
+
 def test_sigterm_says_stopping_then_exits_zero(tmp_path: Path) -> None:
     """SIGTERM: STOPPING=1 (with a status saying so) before the drain, exit status 0."""
     with running_daemon(tmp_path) as d:
@@ -145,6 +161,17 @@ def test_watchdog_pings_every_half_watchdog_usec(tmp_path: Path) -> None:
         gaps = [b.at - a.at for a, b in zip([first, *pings], pings, strict=False)]
         assert max(gaps) < 1.0, gaps  # never as long as WATCHDOG_USEC itself
         assert d.stop() == 0
+
+
+def test_watchdog_meant_for_another_pid_is_not_ours(tmp_path: Path) -> None:
+    """WATCHDOG_PID names another process: no WATCHDOG=1 at all, while the daemon runs."""
+    env = {"WATCHDOG_USEC": "500000", "WATCHDOG_PID": str(os.getpid())}
+    with running_daemon(tmp_path, env=env) as d:
+        window = d.systemd.collect(1.5)  # six intervals of 0.25 s
+        d.signal(signal.SIGHUP)  # the loop is alive and talking: it answers a reload
+        d.systemd.wait_for(lambda m: "RELOADING" in m.fields)
+        assert d.stop() == 0
+    assert not [m for m in [*window, *d.systemd.messages] if "WATCHDOG" in m.fields]
 
 
 def test_log_lines_carry_journal_priorities_under_journal_stream(tmp_path: Path) -> None:

@@ -2,8 +2,8 @@
 
 ``startup() → main_loop() → shutdown()`` as in uvicorn: on SIGTERM or SIGINT the listeners
 stop accepting, sessions in flight get up to ``daemon.shutdown_timeout`` seconds to finish,
-the outbox worker completes the job in hand, and the process exits 0.  systemd hears about
-each step (:mod:`mailrouter.systemd`).
+the outbox worker completes the job in hand, and the process exits 0.  SIGHUP reloads the
+config file (:mod:`mailrouter.reload`).  systemd hears about each step (:mod:`mailrouter.systemd`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+from mailrouter import reload
 from mailrouter.config import Settings
 from mailrouter.deliver.outbox import OutboxWorker, queue_counts
 from mailrouter.ingest.smtp import Listener, start_listener
@@ -49,13 +50,21 @@ class Daemon:
         self.tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()
         self.notifier = notifier or Notifier()
+        # What a reload re-reads and applies besides the settings themselves; a new part
+        # of the daemon (agents, say) appends its own in startup().
+        self.reloaders: list[reload.Reloader] = [
+            reload.templates_reloader(),
+            reload.log_level_reloader(),
+        ]
+        self.reload_requested = asyncio.Event()
+        self.reload_refused = False
         self._service_tasks: list[asyncio.Task[None]] = []
         self._service_stop = asyncio.Event()
         self._phase = "starting"
 
     @property
     def settings(self) -> Settings:
-        """The current settings: the runtime's once it is open."""
+        """The current settings: the runtime's once it is open (a reload swaps them there)."""
         return self.runtime.settings if self.runtime is not None else self._settings
 
     async def supervise(
@@ -66,7 +75,7 @@ class Daemon:
     ) -> None:
         """Run a stage; if it crashes, log it and restart it with capped, jittered backoff.
 
-        ``stop`` ends one stage (an IMAP watcher that is no longer wanted); the daemon's own
+        ``stop`` ends one stage (an IMAP watcher a reload removes); the daemon's own
         :attr:`stop` ends them all.
         """
         stop = stop or self.stop
@@ -114,6 +123,11 @@ class Daemon:
         self.watchers.start()
         self.tasks.append(asyncio.create_task(self.watchers.run_until(self.stop)))
         watched = self.watchers.watchers
+        self.reloaders += [
+            reload.tls_reloader([lst for _, lst in self.listeners]),
+            reload.imap_reloader(self.watchers),
+        ]
+        self.tasks.append(asyncio.create_task(self._reload_on_request()))
         listening = " ".join(
             f"{n}={sock.getsockname()[0]}:{sock.getsockname()[1]}"
             for n, lst in self.listeners
@@ -137,7 +151,30 @@ class Daemon:
         ]
         self.ready.set()
 
-    # ------------------------------------------------------------------ status
+    # ------------------------------------------------------------------ reload, status
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply it (see :mod:`mailrouter.reload`); True if it
+        was applied, False if refused (the running settings stay)."""
+        assert self.runtime is not None, "startup() first"
+        phase, self._phase = self._phase, "reloading"
+        self.notifier.reloading()
+        try:
+            ok = await reload.reload(self.runtime, self.reloaders)
+        finally:
+            self._phase = phase
+        self.reload_refused = not ok
+        self.notifier.ready(await self._status_for_systemd())
+        return ok
+
+    async def _reload_on_request(self) -> None:
+        """One reload per SIGHUP; signals that arrive during a reload cause one more."""
+        while True:
+            await wait_first(self.reload_requested.wait(), self.stop.wait(), seconds=None)
+            if self.stop.is_set():
+                return
+            self.reload_requested.clear()
+            await self.reload()
 
     async def status(self) -> str:
         """The one-line state for systemd's STATUS= ("accepting; queue 3; imap sales ok")."""
@@ -154,7 +191,7 @@ class Daemon:
             except Exception:  # noqa: BLE001 - a status line never fails; it says "queue ?"
                 counts = None
         imap = {n: w.state for n, w in (self.watchers.watchers if self.watchers else {}).items()}
-        return status_text(self._phase, counts, imap)
+        return status_text(self._phase, counts, imap, reload_refused=self.reload_refused)
 
     async def _status_for_systemd(self) -> str | None:
         # Outside systemd nobody reads it: no query for nothing.
@@ -202,12 +239,15 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
+        # Installed before start-up, so an early SIGHUP is a reload once ready, never the
+        # default action (terminate).
+        loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
         try:
             await self.startup()
             await self.stop.wait()
         finally:
             await self.shutdown()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
 
