@@ -18,7 +18,7 @@ from mailrouter.config import load_from_text
 from mailrouter.daemon import Daemon
 from mailrouter.reload import NEEDS_RESTART, Change, plan_reload
 from mailrouter.transfer import TransferRefused, transfer
-from servers import free_port
+from servers import TlsFiles, free_port
 
 RETURNS = '\n[accounts.returns]\naddress = "returns@example.test"\n'
 BROKEN_LINE = 'enabled = "yes"'
@@ -212,6 +212,41 @@ async def test_reload_refuses_a_template_that_does_not_render(
     [refused] = _events(caplog, "reload-refused")
     assert refused["key"] == "accounts.sales.transfer.template"
     assert "transfer_notice.txt.j2:1" in refused["error"] and "toAcount" in refused["error"]
+
+
+async def test_reload_with_a_certificate_turns_starttls_on_for_new_sessions(
+    daemon: Daemon, tls_files: TlsFiles
+) -> None:
+    """smtp.tls_cert/tls_key added: the next session is offered (and requires) STARTTLS."""
+
+    def ehlo_offers_starttls() -> bool:
+        with smtplib.SMTP("127.0.0.1", daemon.settings.smtp.port, timeout=10) as c:
+            c.ehlo()
+            return c.has_extn("starttls")
+
+    assert not await asyncio.to_thread(ehlo_offers_starttls)
+    path = _config(daemon)
+    tls = f'[smtp]\ntls_cert = "{tls_files.cert}"\ntls_key = "{tls_files.key}"\n'
+    path.write_text(path.read_text().replace("[smtp]\n", tls))
+    assert await daemon.reload()
+    assert await asyncio.to_thread(ehlo_offers_starttls)
+
+
+async def test_reload_refuses_a_certificate_that_does_not_load(
+    daemon: Daemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tls_cert that is not there: refused, naming smtp.tls_cert; plain SMTP goes on."""
+    caplog.set_level(logging.INFO, logger="mailrouter")
+    path = _config(daemon)
+    missing = tmp_path / "missing.pem"
+    tls = f'[smtp]\ntls_cert = "{missing}"\ntls_key = "{missing}"\n'
+    path.write_text(path.read_text().replace("[smtp]\n", tls))
+    assert not await daemon.reload()
+    [refused] = _events(caplog, "reload-refused")
+    assert refused["key"] == "smtp.tls_cert" and str(missing) in refused["error"]
+    assert daemon.settings.smtp.tls_cert is None
+    port = daemon.settings.smtp.port
+    assert await asyncio.to_thread(_send, port, "sales@example.test", message("sales")) == {}
 
 
 async def test_reload_starts_and_stops_imap_watchers(
