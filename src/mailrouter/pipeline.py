@@ -18,7 +18,7 @@ from sqlalchemy import case, delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from mailrouter.config import AccountSettings
+from mailrouter.config import AccountSettings, Settings
 from mailrouter.deliver.outbox import enqueue
 from mailrouter.errors import Refused
 from mailrouter.log import event
@@ -37,7 +37,7 @@ from mailrouter.store.models import (
     OutboxKind,
     utcnow,
 )
-from mailrouter.store.queries import StoreView
+from mailrouter.store.queries import AccountMap, StoreView
 
 __all__ = ["Accepted", "NotHeld", "Pipeline", "StoreUnavailable"]
 
@@ -71,9 +71,16 @@ class Pipeline:
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.settings = rt.settings
         self.db = rt.db
-        self.accounts = rt.accounts
+
+    # Read through the runtime on every use, so that a reload applies at once.
+    @property
+    def settings(self) -> Settings:
+        return self.rt.settings
+
+    @property
+    def accounts(self) -> AccountMap:
+        return self.rt.accounts
 
     # ------------------------------------------------------------------ recipients
 

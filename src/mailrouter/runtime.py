@@ -4,6 +4,10 @@ A :class:`Runtime` is opened once — by the daemon, by one CLI command, by a te
 passed in; nothing reaches for a module global.  It holds no rules: the pipeline, the
 domain operations (``interactions``, ``transfer``, ``reply``) and the outbox worker take
 a runtime and do their work through it.
+
+It is also the one place the daemon's current settings live: every stage reads
+``rt.settings`` and ``rt.accounts`` when it needs them (never a copy taken at start), so a
+reload that calls :meth:`Runtime.swap` changes them everywhere at once.
 """
 
 from __future__ import annotations
@@ -47,6 +51,16 @@ class Runtime:
             db.dispose()
             raise
         return cls(settings, db, accounts)
+
+    def swap(self, settings: Settings, accounts: AccountMap) -> None:
+        """Make ``settings`` current for every stage (a reload), with the account map that
+        mirrors them (:func:`~mailrouter.store.queries.sync_accounts`, already committed).
+
+        The map is assigned first: it only ever gains rows, so a stage on another thread
+        (the writer) that already sees the new settings also finds every account in them.
+        """
+        self.accounts = accounts
+        self.settings = settings
 
     def account_of(self, account_id: int) -> AccountSettings:
         """The configured account behind a row id."""

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from mailrouter.config import Settings
@@ -36,7 +36,7 @@ from mailrouter.store.inserts import add_message, insert_outbox
 from mailrouter.store.instances import claim_is_dead, heartbeat, register, retire
 from mailrouter.store.models import Direction, Message, Outbox, OutboxKind, OutboxStatus, utcnow
 
-__all__ = ["Job", "OutboxWorker", "enqueue", "queue_outbound"]
+__all__ = ["Job", "OutboxWorker", "enqueue", "queue_counts", "queue_outbound"]
 
 log = logging.getLogger("mailrouter.outbox")
 
@@ -127,6 +127,20 @@ def queue_outbound(
     return message_pk, outbox_pk
 
 
+def queue_counts(session: Session) -> dict[str, int]:
+    """Outbox rows waiting (pending), in hand (sending) and given up on (failed).
+
+    Cheap enough to ask every few seconds: it counts from the (status, next attempt) index.
+    """
+    wanted = [OutboxStatus.PENDING.value, OutboxStatus.SENDING.value, OutboxStatus.FAILED.value]
+    rows = session.execute(
+        select(Outbox.status, func.count()).where(Outbox.status.in_(wanted)).group_by(Outbox.status)
+    )
+    counts = dict.fromkeys(wanted, 0)
+    counts.update({status: n for status, n in rows.tuples()})
+    return counts
+
+
 class OutboxWorker:
     """Claims due outbox rows in batches and delivers them.
 
@@ -138,10 +152,14 @@ class OutboxWorker:
 
     def __init__(self, rt: Runtime, *, name: str | None = None) -> None:
         self.rt = rt
-        self.settings = rt.settings
         self.name = name or f"worker:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.instance_id: str | None = None
         self._wake = asyncio.Event()
+
+    @property
+    def settings(self) -> Settings:
+        """The current settings (read through the runtime, so a reload applies at once)."""
+        return self.rt.settings
 
     def wake(self) -> None:
         """New work was committed: look now instead of at the next poll."""
