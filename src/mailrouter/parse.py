@@ -19,6 +19,11 @@ from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
 from email.utils import getaddresses, parseaddr, parsedate_to_datetime
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mailrouter.bounces import Bounce
 
 __all__ = [
     "MAX_REFERENCES",
@@ -263,6 +268,16 @@ class ParsedMessage:
         nearest = dict.fromkeys([*self.in_reply_to, *reversed(self.references)])
         nearest.pop(self.message_id, None)
         object.__setattr__(self, "parents", list(nearest))
+
+    @cached_property
+    def bounce(self) -> Bounce | None:
+        """The delivery status notification this is, if it is one (only automatic mail is
+        read for that).  Computed once; the pipeline asks before the writer thread does."""
+        if not self.automatic:
+            return None
+        from mailrouter.bounces import read_bounce
+
+        return read_bounce(self.raw)
 
     @property
     def from_display(self) -> str:

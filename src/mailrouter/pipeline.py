@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailrouter.config import AccountSettings, Settings
-from mailrouter.deliver.outbox import enqueue
+from mailrouter.deliver.outbox import enqueue, mark_bounced
 from mailrouter.errors import Refused
 from mailrouter.log import event
 from mailrouter.parse import ParsedMessage, format_id, parse
@@ -168,6 +168,8 @@ class Pipeline:
         if not accounts:
             raise ValueError("accept() needs at least one receiving account")
         msg = parse(raw, envelope_sender)
+        # Read a bounce here, off the writer thread, where resolution will want it.
+        _ = msg.bounce
         return msg, self.order_recipients(msg, accounts)
 
     def _with_retry(self, once: Callable[[], T]) -> T:
@@ -302,6 +304,9 @@ class Pipeline:
                 last_customer_message_pk=from_customer,
             )
         )
+        if d.rule == "bounce-of" and msg.bounce is not None and d.matched_id is not None:
+            # The notice or reply it reports on did not reach the customer after all.
+            mark_bounced(session, d.matched_id, msg.bounce.summary())
         if d.deliver_to == in_mailbox_of:
             return Accepted(d, pk, iid)
         out = enqueue(

@@ -74,7 +74,16 @@ def message_dict(m: Message) -> dict[str, Any]:
 
 def transfer_dict(t: Transfer, outbox: Outbox | None) -> dict[str, Any]:
     notification = t.notification
-    if notification == "queued" and outbox is not None and outbox.status in ("sent", "failed"):
+    if (
+        notification == "queued"
+        and outbox is not None
+        and outbox.status
+        in (
+            "sent",
+            "failed",
+            "bounced",
+        )
+    ):
         notification = outbox.status
     return {
         "id": t.id,

@@ -36,7 +36,7 @@ from mailrouter.store.inserts import add_message, insert_outbox
 from mailrouter.store.instances import claim_is_dead, heartbeat, register, retire
 from mailrouter.store.models import Direction, Message, Outbox, OutboxKind, OutboxStatus, utcnow
 
-__all__ = ["Job", "OutboxWorker", "enqueue", "queue_counts", "queue_outbound"]
+__all__ = ["Job", "OutboxWorker", "enqueue", "mark_bounced", "queue_counts", "queue_outbound"]
 
 log = logging.getLogger("mailrouter.outbox")
 
@@ -139,6 +139,20 @@ def queue_counts(session: Session) -> dict[str, int]:
     counts = dict.fromkeys(wanted, 0)
     counts.update({status: n for status, n in rows.tuples()})
     return counts
+
+
+def mark_bounced(session: Session, message_id: str, why: str) -> int:
+    """Our message ``message_id`` was sent but bounced: its outbox row says so, with the
+    recipients' status.  Returns the rows changed (0 when it is not ours, or not sent)."""
+    ours = select(Message.id).where(
+        Message.message_id == message_id, Message.direction == Direction.OUTBOUND.value
+    )
+    res = session.execute(
+        update(Outbox)
+        .where(Outbox.message_pk.in_(ours), Outbox.status == OutboxStatus.SENT.value)
+        .values(status=OutboxStatus.BOUNCED.value, last_error=f"bounced: {why}")
+    )
+    return int(getattr(res, "rowcount", 0) or 0)
 
 
 class OutboxWorker:

@@ -113,6 +113,7 @@ class OutboxStatus(enum.StrEnum):
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"  # permanent: 5xx, or lifetime exceeded
+    BOUNCED = "bounced"  # sent, then reported undeliverable by a bounce (DSN)
 
 
 class Account(Base):
