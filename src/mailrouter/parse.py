@@ -219,6 +219,8 @@ class ParsedMessage:
     content_hash: str
     automatic: str | None
     problem: str | None  # why it cannot be routed (held), or None
+    # The SMTP envelope sender it came with ("" for the null sender), if it came with one.
+    envelope_sender: str | None = None
 
     @property
     def parents(self) -> list[str]:
@@ -301,4 +303,5 @@ def parse(raw: bytes, envelope_sender: str | None = None) -> ParsedMessage:
         content_hash=digest,
         automatic=automatic_reason(msg, envelope_sender),
         problem=problem,
+        envelope_sender=envelope_sender,
     )

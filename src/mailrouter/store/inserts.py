@@ -55,6 +55,8 @@ def add_message(
     rule: str | None = None,
     action: str | None = None,
     hold_reason: str | None = None,
+    step: str | None = None,
+    matched_id: str | None = None,
 ) -> int:
     """Insert a message with its id references and recipient accounts; returns its key.
 
@@ -87,6 +89,9 @@ def add_message(
             rule=rule,
             action=action,
             source=source,
+            envelope_from=msg.envelope_sender,
+            step=step,
+            matched_id=matched_id,
             received_at=utcnow(),
         ),
     )
