@@ -57,16 +57,20 @@ def add_message(
     hold_reason: str | None = None,
     step: str | None = None,
     matched_id: str | None = None,
+    pk: int | None = None,
 ) -> int:
     """Insert a message with its id references and recipient accounts; returns its key.
 
-    A ``hold_reason`` stores it as held (kept for inspection, no interaction).
+    A ``hold_reason`` stores it as held (kept for inspection, no interaction); ``pk`` gives
+    it that key instead of a new one (a released message taking its old row's place).
     """
     conn = session.connection()
+    given = {} if pk is None else {"id": pk}
     pk = _new_id(
         conn,
         _INSERT_MESSAGE,
-        dict(
+        given
+        | dict(
             interaction_id=interaction_id,
             direction=direction.value,
             account_id=account_id,
