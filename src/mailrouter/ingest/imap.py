@@ -130,6 +130,7 @@ class ImapWatcher:
             failures += 1
             delay = backoff(failures, RECONNECT_INITIAL, RECONNECT_CAP)
             self.state = "reconnect-backoff"
+            self.p.rt.metrics.imap_reconnect(self.account.name)
             event(
                 log,
                 "imap-disconnected",
@@ -185,6 +186,7 @@ class ImapWatcher:
             try:
                 self.state = "catching-up"
                 await self._catch_up(session, stop)
+                await self._store(self._synced)
                 store_failures = 0
             except StoreUnavailable as exc:
                 # Nothing was flagged or moved; the same UIDs are read again after a pause.
@@ -378,6 +380,11 @@ class ImapWatcher:
                 )
             imap_state.reset_mark(s, self.account_id, self.cfg.mailbox, uidvalidity)
             return 0
+
+    def _synced(self) -> None:
+        """The mailbox is caught up now (``mailrouter status`` shows when that last was)."""
+        with self.p.db.write() as s:
+            imap_state.mark_synced(s, self.account_id, self.cfg.mailbox)
 
     def _save_uid(self, uid: int) -> None:
         with self.p.db.write() as s:

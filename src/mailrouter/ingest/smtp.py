@@ -106,27 +106,45 @@ class IngestHandler:
 
 
 class SMTPServer(SMTP):
-    """aiosmtpd's SMTP, telling the listener when its session ends (connection cap)."""
+    """aiosmtpd's SMTP, telling the listener when its session ends (connection cap), and
+    the metrics every reply it sends (aiosmtpd's own 5xx included)."""
 
     on_close: Callable[[], None] | None = None
+    on_reply: Callable[[str], None] | None = None
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
             super().connection_lost(error)
         finally:
             _closed(self)
+
+    async def push(self, status: Any) -> None:
+        _replied(self, status)
+        await super().push(status)
 
 
 class LMTPServer(LMTP):
     """aiosmtpd's LMTP with the handler's per-recipient DATA replies (see IngestHandler)."""
 
     on_close: Callable[[], None] | None = None
+    on_reply: Callable[[str], None] | None = None
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
             super().connection_lost(error)
         finally:
             _closed(self)
+
+    async def push(self, status: Any) -> None:
+        _replied(self, status)
+        await super().push(status)
+
+
+def _replied(server: SMTPServer | LMTPServer, status: Any) -> None:
+    if server.on_reply is not None:
+        server.on_reply(
+            status if isinstance(status, str) else bytes(status).decode("ascii", "replace")
+        )
 
 
 def _closed(server: SMTPServer | LMTPServer) -> None:
@@ -220,11 +238,16 @@ async def start_listener(
                 idle.set()
 
         server.on_close = ended
+        server.on_reply = count_reply
         sessions.add(server)
         idle.clear()
         return server
 
     hostname = pipeline.settings.hostname
+    metrics, proto = pipeline.rt.metrics, "lmtp" if lmtp else "smtp"
+
+    def count_reply(reply: str) -> None:
+        metrics.smtp_reply(proto, reply)
 
     # AUTH in clear text is acceptable only on loopback without a certificate; with one,
     # STARTTLS is required before anything else anyway.
