@@ -432,6 +432,9 @@ def release(rt: Runtime, qid: QueueId) -> QueueChange:
     if qid.kind == "m":
         from mailrouter.pipeline import Pipeline
 
+        with rt.db.read() as s:
+            if s.get(Message, qid.number) is None:
+                raise Refused("not-found", f"no queue item {qid}")
         r = Pipeline(rt).release(qid.number)
         d = r.decision
         change = QueueChange(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import NamedTuple
 
 import aiosmtplib
@@ -20,6 +21,8 @@ from mailrouter.log import event
 __all__ = ["SmtpResult", "send_smtp", "submit_smtp"]
 
 log = logging.getLogger("mailrouter.deliver.smtp")
+
+_HAS_CODE = re.compile(r"\d{3}(?: |$)")
 
 # Connection refused or lost, timeouts, a failed TLS handshake (SMTPConnectError): the
 # network's or the smarthost's trouble, worth a retry.
@@ -140,7 +143,7 @@ async def submit_smtp(
         with contextlib.suppress(*_NETWORK_ERRORS, aiosmtplib.SMTPResponseException):
             await client.quit()  # the message is accepted; a lost goodbye changes nothing
         # aiosmtplib gives the text of the reply to DATA; its code was a 2xx.
-        final = reply if reply[:1].isdigit() else f"250 {reply}"
+        final = reply if _HAS_CODE.match(reply) else f"250 {reply}"
         if out:
             final += "; refused: " + "; ".join(f"<{a}> {c} {m}" for a, (c, m) in out.items())
         return SmtpResult(out, final)
