@@ -21,6 +21,7 @@ from mailrouter.config import Settings
 from mailrouter.deliver.outbox import OutboxWorker
 from mailrouter.ingest.smtp import Listener, start_listener
 from mailrouter.log import event
+from mailrouter.metrics import PrometheusMetrics
 from mailrouter.pipeline import Pipeline
 from mailrouter.retry import backoff, wait_unless_stopped
 from mailrouter.runtime import Runtime
@@ -50,6 +51,8 @@ class Daemon:
         self.settings = settings
         self.stop = asyncio.Event()
         self.runtime: Runtime | None = None
+        # The daemon's own registry: its stages count into it, /metrics renders it.
+        self.metrics = PrometheusMetrics()
         self.pipeline: Pipeline | None = None
         self.worker: OutboxWorker | None = None
         self.listeners: list[tuple[str, Listener]] = []
@@ -86,7 +89,9 @@ class Daemon:
         problems = check_templates(s)
         if problems:
             raise StartupError("notice templates: " + "; ".join(problems))
-        self.runtime = await asyncio.to_thread(Runtime.open, s)
+        self.runtime = await asyncio.to_thread(
+            functools.partial(Runtime.open, s, metrics=self.metrics)
+        )
         self.pipeline = Pipeline(self.runtime)
         self.worker = OutboxWorker(self.runtime)
         worker = self.worker
