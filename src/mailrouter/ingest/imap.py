@@ -113,7 +113,7 @@ class ImapWatcher:
                     "imap-watcher-failed",
                     logging.ERROR,
                     exc_info=exc,
-                    account=self.account.name,
+                    account=self.account.address,
                 )
                 error = f"{type(exc).__name__}: {exc}"
             finally:
@@ -135,7 +135,7 @@ class ImapWatcher:
                 log,
                 "imap-disconnected",
                 logging.WARNING,
-                account=self.account.name,
+                account=self.account.address,
                 host=f"{self.cfg.host}:{self.cfg.port}",
                 error=error or "session ended",
                 was_watching=healthy,
@@ -143,7 +143,7 @@ class ImapWatcher:
             )
             await wait_unless_stopped(stop, delay)
         self.state = "stopped"
-        event(log, "imap-stopped", account=self.account.name)
+        event(log, "imap-stopped", account=self.account.address)
 
     async def _connect(self, stop: asyncio.Event) -> ImapSession | None:
         """A logged-in session, or None if ``stop`` was set first."""
@@ -170,7 +170,7 @@ class ImapWatcher:
         event(
             log,
             "imap-connected",
-            account=self.account.name,
+            account=self.account.address,
             host=f"{self.cfg.host}:{self.cfg.port}",
             user=self.cfg.user,
             mailbox=self.cfg.mailbox,
@@ -196,7 +196,7 @@ class ImapWatcher:
                     log,
                     "imap-store-unavailable",
                     logging.WARNING,
-                    account=self.account.name,
+                    account=self.account.address,
                     error=str(exc),
                     retry_in=f"{delay:.1f}s",
                 )
@@ -263,7 +263,7 @@ class ImapWatcher:
         raw = await self._fetch(session, uid)
         if raw is None:
             # Expunged by someone else between SEARCH and FETCH: nothing to ingest.
-            event(log, "imap-vanished", account=self.account.name, uid=uid)
+            event(log, "imap-vanished", account=self.account.address, uid=uid)
             await self._store(self._save_uid, uid)
             return
         # accept_async: group-committed on the daemon's writer thread with the other stages.
@@ -283,14 +283,14 @@ class ImapWatcher:
         event(
             log,
             "imap-message",
-            account=self.account.name,
+            account=self.account.address,
             mailbox=self.cfg.mailbox,
             uid=uid,
             msgid=format_id(ids[0]) if ids else None,
             size=len(raw),
             action=d.action,
             interaction=result.interaction_id,
-            owner=d.owner,
+            owner=self.p.settings.account(d.owner).address if d.owner else None,
             moved_to=moved,
         )
 
@@ -319,7 +319,7 @@ class ImapWatcher:
                 log,
                 "imap-move-failed",
                 logging.WARNING,
-                account=self.account.name,
+                account=self.account.address,
                 uid=uid,
                 folder=folder,
                 error=f"{resp.result} {imapclient.response_text(resp)}",
@@ -347,7 +347,7 @@ class ImapWatcher:
         name = imapclient.mailbox_arg(folder)
         resp = await session.run(session.client.create(name), f"CREATE {folder}")
         if resp.result == "OK":
-            event(log, "imap-folder-created", account=self.account.name, folder=folder)
+            event(log, "imap-folder-created", account=self.account.address, folder=folder)
             # Subscribed, so the account's mail clients show where routed mail went.
             await session.run(session.client.subscribe(name), f"SUBSCRIBE {folder}")
 
@@ -372,7 +372,7 @@ class ImapWatcher:
                     log,
                     "imap-uidvalidity-changed",
                     logging.WARNING,
-                    account=self.account.name,
+                    account=self.account.address,
                     mailbox=self.cfg.mailbox,
                     old=mark.uidvalidity,
                     new=uidvalidity,

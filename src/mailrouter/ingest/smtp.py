@@ -65,6 +65,7 @@ class IngestHandler:
                 peer=session.peer[0] if session.peer else None,
                 rcpt=address,
                 code=550,
+                dsn="5.1.1",
             )
             return f"550 5.1.1 <{address}>: Recipient address rejected: not a mailrouter account"
         envelope.rcpt_tos.append(address)
@@ -85,7 +86,16 @@ class IngestHandler:
                 envelope_sender=envelope.mail_from if envelope.mail_from != "<>" else "",
             )
         except StoreUnavailable as exc:
-            event(log, "tempfail", logging.ERROR, proto=self.proto, error=str(exc))
+            event(
+                log,
+                "tempfail",
+                logging.ERROR,
+                proto=self.proto,
+                account=accounts[0].address if accounts else None,
+                code=451,
+                dsn="4.3.0",
+                error=str(exc),
+            )
             return self._per_recipient(envelope, TEMPFAIL)
         if self.on_accepted is not None:
             self.on_accepted()
