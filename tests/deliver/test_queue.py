@@ -394,3 +394,49 @@ def test_several_ids_each_get_their_answer_and_one_refusal_is_exit_1(tmp_path: P
     assert out.strip() == f"o{ok.outbox_id}: held"
     assert "mailrouter: no queue item o999" in err
     assert "event=refused" in err and "code=not-found" in err
+
+
+# --------------------------------------------------------------------------- both stores
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """The test accounts on SQLite, or on the session's PostgreSQL database (emptied)."""
+    from sqlalchemy import create_engine, text
+
+    settings = make_settings(tmp_path)
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("postgres_url")
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        engine.dispose()
+        settings = settings.with_(database_url=url)
+    return settings
+
+
+def test_every_action_locks_and_changes_its_row_on_both_stores(store_settings: Settings) -> None:
+    """hold, release, retry, delete, the listing and the depth on SQLite and PostgreSQL."""
+    from mailrouter.metrics import PrometheusMetrics
+    from mailrouter.runtime import Runtime
+
+    metrics = PrometheusMetrics()
+    p = Runtime.open(store_settings, metrics=metrics)
+    try:
+        ok = accept(p, scenario(CHAIRS, "01-customer-asks.eml"), "sales")
+        accept(p, b"", "sales")
+        qid = queue.parse_id(f"o{ok.outbox_id}")
+        assert queue.hold(p, qid).status == "held"
+        assert _flush(p) == 0
+        assert queue.release(p, qid).status == "pending"
+        assert queue.retry(p, qid).status == "pending"
+        with p.db.read() as s:
+            depth = queue.depth(s)
+            listed = {r["queue_id"] for r in queue.list_queue(s)}
+        assert listed == {f"o{qid.number}", "m2"}
+        assert (depth["pending"][0], depth["held-messages"][0]) == (1, 1)
+        assert b'mailrouter_queue_messages{queue="pending"} 1.0' in metrics.render()[0]
+        assert queue.delete(p, qid).status == "deleted"
+        assert _flush(p) == 0
+    finally:
+        p.close()

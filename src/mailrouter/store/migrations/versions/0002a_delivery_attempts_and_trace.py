@@ -67,7 +67,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("imap_state", schema=None) as batch_op:
+    # ALTER TABLE … DROP COLUMN (SQLite 3.35+), not batch mode's copy-and-rename: SQLite
+    # cannot drop a table other rows point at while foreign keys are enforced.  (SQLite
+    # older than 3.35 cannot downgrade this revision; restore the backup instead.)
+    with op.batch_alter_table("imap_state", schema=None, recreate="never") as batch_op:
         batch_op.drop_column("last_sync_at")
 
     with op.batch_alter_table("outbox", schema=None) as batch_op:
@@ -76,7 +79,7 @@ def downgrade() -> None:
     with op.batch_alter_table("interactions", schema=None) as batch_op:
         batch_op.drop_index("ix_interactions_status")
 
-    with op.batch_alter_table("messages", schema=None) as batch_op:
+    with op.batch_alter_table("messages", schema=None, recreate="never") as batch_op:
         batch_op.drop_index("ix_messages_status")
         batch_op.drop_column("matched_id")
         batch_op.drop_column("step")
