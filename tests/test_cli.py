@@ -435,7 +435,7 @@ def test_log_format_json_gives_one_object_per_decision(settings: Settings) -> No
     ]
     assert len(decisions) == 1
     d = decisions[0]
-    assert (d["event"], d["rule"], d["action"], d["rcpt"]) == (
+    assert (d["event"], d["rule"], d["action"], d["account"]) == (
         "decision",
         "new-interaction",
         "deliver",

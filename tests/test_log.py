@@ -15,6 +15,7 @@ import pytest
 
 from helpers import make_settings, run_cli
 from mailrouter.log import FOREIGN_EVENT, LogHandler, event, setup_logging
+from mailrouter.store.migrate import head_revision
 
 log = logging.getLogger("mailrouter.test")
 
@@ -166,7 +167,6 @@ def test_schema_upgrade_line_is_a_json_event(tmp_path: Path) -> None:
     assert code == 0, err
     objs = [json.loads(line) for line in err.splitlines()]
     [upgrade] = [o for o in objs if o["event"] == "schema-upgrade"]
-    from mailrouter.store.migrate import head_revision
 
     assert (upgrade["from"], upgrade["to"], upgrade["logger"]) == (
         "empty",

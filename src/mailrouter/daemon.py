@@ -9,6 +9,7 @@ config file (:mod:`mailrouter.reload`).  systemd hears about each step (:mod:`ma
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import socket
@@ -21,6 +22,7 @@ from mailrouter.deliver.outbox import OutboxWorker, queue_counts
 from mailrouter.ingest.smtp import Listener, start_listener
 from mailrouter.ingest.watchers import WatcherSet
 from mailrouter.log import event
+from mailrouter.metrics import PrometheusMetrics
 from mailrouter.pipeline import Pipeline
 from mailrouter.retry import backoff, wait_first, wait_unless_stopped
 from mailrouter.runtime import Runtime
@@ -44,6 +46,8 @@ class Daemon:
         self._settings = settings
         self.stop = asyncio.Event()
         self.runtime: Runtime | None = None
+        # The daemon's own registry: its stages count into it, /metrics renders it.
+        self.metrics = PrometheusMetrics()
         self.pipeline: Pipeline | None = None
         self.worker: OutboxWorker | None = None
         self.watchers: WatcherSet | None = None
@@ -109,7 +113,9 @@ class Daemon:
         problems = check_templates(s)
         if problems:
             raise StartupError("notice templates: " + "; ".join(problems))
-        self.runtime = await asyncio.to_thread(Runtime.open, s)
+        self.runtime = await asyncio.to_thread(
+            functools.partial(Runtime.open, s, metrics=self.metrics)
+        )
         self.pipeline = Pipeline(self.runtime)
         self.worker = OutboxWorker(
             self.runtime, name=s.instance_name or f"{socket.gethostname()}:{s.state_dir}"

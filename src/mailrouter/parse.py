@@ -259,6 +259,8 @@ class ParsedMessage:
     content_hash: str
     automatic: str | None
     problem: str | None  # why it cannot be routed (held), or None
+    # The SMTP envelope sender it came with ("" for the null sender), if it came with one.
+    envelope_sender: str | None = None
     # Ids this message replies to, nearest first: In-Reply-To, then References last→first,
     # without repeats or its own id.  Computed once, when parsed: resolution and the insert
     # read it on the writer thread, where no message may cost more than its share.
@@ -354,4 +356,5 @@ def parse(raw: bytes, envelope_sender: str | None = None) -> ParsedMessage:
         content_hash=digest,
         automatic=automatic_reason(msg, envelope_sender),
         problem=problem,
+        envelope_sender=envelope_sender,
     )

@@ -33,6 +33,8 @@ log = logging.getLogger("mailrouter.transfer")
 class TransferRefused(Refused):
     """The transfer is not allowed; nothing was changed."""
 
+    source: str | None = None  # the account it would have left, once known
+
 
 @dataclass(frozen=True)
 class TransferResult:
@@ -57,6 +59,20 @@ def transfer(
     rt: Runtime, interaction_id: int, to: str, *, actor: str | None = None
 ) -> TransferResult:
     """Move interaction ``interaction_id`` to account ``to`` (name or address)."""
+    try:
+        result = _transfer(rt, interaction_id, to, actor)
+    except TransferRefused as exc:
+        # Labels stay bounded: an unknown target is counted as "", never as what was typed.
+        target = "" if exc.code == "unknown-account" else rt.settings.account(to).name
+        rt.metrics.transferred(exc.source or "", target, exc.code)
+        raise
+    rt.metrics.transferred(result.from_account, result.to_account, "ok")
+    if result.notification in ("queued", "suppressed"):
+        rt.metrics.notice(result.notification)
+    return result
+
+
+def _transfer(rt: Runtime, interaction_id: int, to: str, actor: str | None) -> TransferResult:
     target = _account(rt, to)
     with rt.db.write() as s:
         interaction = lock_interaction(s, interaction_id)
@@ -64,13 +80,16 @@ def transfer(
             raise TransferRefused("not-found", f"no interaction {interaction_id}")
         source = rt.account_of(interaction.account_id)
         if interaction.status == "closed":
-            raise TransferRefused("closed", f"interaction {interaction_id} is closed")
+            raise _from(source, "closed", f"interaction {interaction_id} is closed")
         if source.name == target.name:
-            raise TransferRefused(
-                "same-account", f"interaction {interaction_id} already belongs to {target.name}"
+            raise _from(
+                source,
+                "same-account",
+                f"interaction {interaction_id} already belongs to {target.name}",
             )
         if not source.transfer.enabled:
-            raise TransferRefused(
+            raise _from(
+                source,
                 "transfer-not-enabled",
                 f"transfer out of account {source.name} is not enabled "
                 f"(set accounts.{source.name}.transfer.enabled = true)",
@@ -126,8 +145,10 @@ def transfer(
                     # The account promises customers a notice on every transfer: a broken
                     # template refuses the transfer (the transaction rolls back) rather than
                     # move the conversation silently.
-                    raise TransferRefused(
-                        "template-failed", f"notice template of account {source.name} failed: {exc}"
+                    raise _from(
+                        source,
+                        "template-failed",
+                        f"notice template of account {source.name} failed: {exc}",
                     ) from exc
                 _, outbox_pk = queue_outbound(
                     s,
@@ -152,15 +173,23 @@ def transfer(
             notice_message_id=notice_id,
             outbox_id=outbox_id,
         )
+    # account: the account the interaction leaves; owner: the one it now belongs to.
     event(
         log,
         "transfer",
         interaction=result.interaction_id,
-        src=source.address,
-        dst=target.address,
+        account=source.address,
+        owner=target.address,
         by=actor,
         notice=result.notification,
         reason=result.reason,
         notice_msgid=format_id(notice_id) if notice_id else None,
+        queue=f"o{outbox_id}" if outbox_id is not None else None,
     )
     return result
+
+
+def _from(source: AccountSettings, code: str, message: str) -> TransferRefused:
+    refused = TransferRefused(code, message)
+    refused.source = source.name
+    return refused

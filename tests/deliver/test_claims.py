@@ -124,10 +124,10 @@ def test_a_worker_taken_for_dead_cannot_overwrite_the_newer_claims_outcome(
         fresh = OutboxWorker(rt, name="a")  # restarted: retires the slow one
         [job] = claim(rt, fresh)
         with rt.db.write() as s:
-            assert fresh._finish_in(s, job, None) == "sent"
+            assert fresh._finish_in(s, job, None).status == "sent"
         with rt.db.write() as s:
             late = slow._finish_in(s, stale_job, DeliveryError("timed out"))
-        assert late == "claim-lost"
+        assert late.status == "claim-lost"
         assert status(rt, job_id) == "sent"
 
 

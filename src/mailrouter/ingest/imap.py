@@ -128,7 +128,7 @@ class ImapWatcher:
                     "imap-watcher-failed",
                     logging.ERROR,
                     exc_info=exc,
-                    account=self.account.name,
+                    account=self.account.address,
                 )
                 error = f"{type(exc).__name__}: {exc}"
             finally:
@@ -148,11 +148,12 @@ class ImapWatcher:
             failures += 1
             delay = backoff(failures, RECONNECT_INITIAL, RECONNECT_CAP)
             self.state = "reconnect-backoff"
+            self.p.rt.metrics.imap_reconnect(self.account.name)
             event(
                 log,
                 "imap-disconnected",
                 logging.WARNING,
-                account=self.account.name,
+                account=self.account.address,
                 host=f"{self.cfg.host}:{self.cfg.port}",
                 error=error or "session ended",
                 was_watching=healthy,
@@ -161,7 +162,7 @@ class ImapWatcher:
             await wait_unless_stopped(stop, delay)
         self.state = "stopped"
         await self._release_lease()
-        event(log, "imap-stopped", account=self.account.name)
+        event(log, "imap-stopped", account=self.account.address)
 
     # ------------------------------------------------------------------ the lease
 
@@ -237,7 +238,7 @@ class ImapWatcher:
         event(
             log,
             "imap-connected",
-            account=self.account.name,
+            account=self.account.address,
             host=f"{self.cfg.host}:{self.cfg.port}",
             user=self.cfg.user,
             mailbox=self.cfg.mailbox,
@@ -253,6 +254,7 @@ class ImapWatcher:
             try:
                 self.state = "catching-up"
                 await self._catch_up(session, stop)
+                await self._store(self._synced)
                 store_failures = 0
             except StoreUnavailable as exc:
                 # Nothing was flagged or moved; the same UIDs are read again after a pause.
@@ -262,7 +264,7 @@ class ImapWatcher:
                     log,
                     "imap-store-unavailable",
                     logging.WARNING,
-                    account=self.account.name,
+                    account=self.account.address,
                     error=str(exc),
                     retry_in=f"{delay:.1f}s",
                 )
@@ -329,7 +331,7 @@ class ImapWatcher:
         raw = await self._fetch(session, uid)
         if raw is None:
             # Expunged by someone else between SEARCH and FETCH: nothing to ingest.
-            event(log, "imap-vanished", account=self.account.name, uid=uid)
+            event(log, "imap-vanished", account=self.account.address, uid=uid)
             await self._store(self._save_uid, uid)
             return
         # accept_async: group-committed on the daemon's writer thread with the other stages.
@@ -349,14 +351,14 @@ class ImapWatcher:
         event(
             log,
             "imap-message",
-            account=self.account.name,
+            account=self.account.address,
             mailbox=self.cfg.mailbox,
             uid=uid,
             msgid=format_id(ids[0]) if ids else None,
             size=len(raw),
             action=d.action,
             interaction=result.interaction_id,
-            owner=d.owner,
+            owner=self.p.settings.account(d.owner).address if d.owner else None,
             moved_to=moved,
         )
 
@@ -385,7 +387,7 @@ class ImapWatcher:
                 log,
                 "imap-move-failed",
                 logging.WARNING,
-                account=self.account.name,
+                account=self.account.address,
                 uid=uid,
                 folder=folder,
                 error=f"{resp.result} {imapclient.response_text(resp)}",
@@ -413,7 +415,7 @@ class ImapWatcher:
         name = imapclient.mailbox_arg(folder)
         resp = await session.run(session.client.create(name), f"CREATE {folder}")
         if resp.result == "OK":
-            event(log, "imap-folder-created", account=self.account.name, folder=folder)
+            event(log, "imap-folder-created", account=self.account.address, folder=folder)
             # Subscribed, so the account's mail clients show where routed mail went.
             await session.run(session.client.subscribe(name), f"SUBSCRIBE {folder}")
 
@@ -445,7 +447,7 @@ class ImapWatcher:
                     log,
                     "imap-uidvalidity-changed",
                     logging.WARNING,
-                    account=self.account.name,
+                    account=self.account.address,
                     mailbox=self.cfg.mailbox,
                     old=mark.uidvalidity,
                     new=uidvalidity,
@@ -453,6 +455,11 @@ class ImapWatcher:
                 )
             imap_state.reset_mark(s, self.account_id, self.cfg.mailbox, uidvalidity)
             return 0
+
+    def _synced(self) -> None:
+        """The mailbox is caught up now (``mailrouter status`` shows when that last was)."""
+        with self.p.db.write() as s:
+            imap_state.mark_synced(s, self.account_id, self.cfg.mailbox)
 
     def _save_uid(self, uid: int) -> None:
         with self.p.db.write() as s:

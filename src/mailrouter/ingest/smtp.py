@@ -76,6 +76,7 @@ class IngestHandler:
                 peer=session.peer[0] if session.peer else None,
                 rcpt=address,
                 code=550,
+                dsn="5.1.1",
             )
             return f"550 5.1.1 <{address}>: Recipient address rejected: not a mailrouter account"
         envelope.rcpt_tos.append(address)
@@ -96,7 +97,16 @@ class IngestHandler:
                 envelope_sender=envelope.mail_from if envelope.mail_from != "<>" else "",
             )
         except StoreUnavailable as exc:
-            event(log, "tempfail", logging.ERROR, proto=self.proto, error=str(exc))
+            event(
+                log,
+                "tempfail",
+                logging.ERROR,
+                proto=self.proto,
+                account=accounts[0].address if accounts else None,
+                code=451,
+                dsn="4.3.0",
+                error=str(exc),
+            )
             return self._per_recipient(envelope, TEMPFAIL)
         if self.on_accepted is not None:
             self.on_accepted()
@@ -117,15 +127,24 @@ class IngestHandler:
 
 
 class _TellsListener(asyncio.Protocol):
-    """Tells the listener when a session ends, so the connection cap and drain know."""
+    """Tells the listener when a session ends (connection cap, drain), and the metrics
+    every reply it sends (aiosmtpd's own 5xx included)."""
 
     on_close: Callable[[], None] | None = None
+    on_reply: Callable[[str], None] | None = None
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
             super().connection_lost(error)
         finally:
             _closed(self)
+
+    async def push(self, status: Any) -> None:
+        if self.on_reply is not None:
+            self.on_reply(
+                status if isinstance(status, str) else bytes(status).decode("ascii", "replace")
+            )
+        await super().push(status)  # type: ignore[misc]
 
 
 class SMTPServer(_TellsListener, SMTP):
@@ -238,9 +257,13 @@ class Listener:
                 self.idle.set()
 
         server.on_close = ended
+        server.on_reply = self._count_reply
         self.sessions.add(server)
         self.idle.clear()
         return server
+
+    def _count_reply(self, reply: str) -> None:
+        self.p.rt.metrics.smtp_reply(self.proto, reply)
 
     def _make(self, cfg: ListenerSettings) -> SMTPServer | LMTPServer:
         tls = self.tls

@@ -1,4 +1,5 @@
-"""SQLAlchemy models: accounts, interactions, messages, transfers, the outbox, IMAP state.
+"""SQLAlchemy models: accounts, interactions, messages, transfers, the outbox and its
+delivery attempts, IMAP state.
 
 Message-IDs are stored bare (no angle brackets).  ``message_refs`` keeps the ids a message
 points at (In-Reply-To and References, at most the root and the 99 nearest: see
@@ -38,7 +39,9 @@ __all__ = [
     "MESSAGE_RECIPIENTS",
     "MESSAGE_REFS",
     "OUTBOX",
+    "OUTBOX_ATTEMPTS",
     "Account",
+    "AttemptStatus",
     "Base",
     "Direction",
     "ImapState",
@@ -49,6 +52,7 @@ __all__ = [
     "MessageRecipient",
     "MessageRef",
     "Outbox",
+    "OutboxAttempt",
     "OutboxKind",
     "OutboxStatus",
     "Transfer",
@@ -114,6 +118,16 @@ class OutboxStatus(enum.StrEnum):
     SENT = "sent"
     FAILED = "failed"  # permanent: 5xx, or lifetime exceeded
     BOUNCED = "bounced"  # sent, then reported undeliverable by a bounce (DSN)
+    HELD = "held"  # parked by an operator (`queue hold`): never claimed until released
+    DELETED = "deleted"  # dropped by an operator (`queue delete`): kept for `trace`
+
+
+class AttemptStatus(enum.StrEnum):
+    """How one delivery attempt ended, in the log's words (``status=``, after Postfix)."""
+
+    SENT = "sent"
+    DEFERRED = "deferred"  # temporary failure: the job waits for its next try
+    BOUNCED = "bounced"  # permanent failure, or the job's lifetime ran out
 
 
 class Account(Base):
@@ -130,6 +144,8 @@ class Account(Base):
 
 class Interaction(Base):
     __tablename__ = "interactions"
+    # The interactions gauge counts open ones by account at every scrape.
+    __table_args__ = (Index("ix_interactions_status", "status", "account_id", "unread"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -158,6 +174,9 @@ class Message(Base):
         # to are in message_recipients.
         UniqueConstraint("message_id", "content_hash", name="uq_messages_identity"),
         Index("ix_messages_interaction", "interaction_id", "id"),
+        # `queue`, `status` and the metrics count held messages at every call: an index,
+        # so that costs the held rows, not the whole message history.
+        Index("ix_messages_status", "status", "received_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -185,6 +204,10 @@ class Message(Base):
     rule: Mapped[str | None] = mapped_column(String(50))
     action: Mapped[str | None] = mapped_column(String(30))
     source: Mapped[str | None] = mapped_column(String(50))  # smtp, lmtp, imap, cli, replay
+    # The SMTP/LMTP envelope sender ("" for a bounce's null sender; None: not known, IMAP).
+    envelope_from: Mapped[str | None] = mapped_column(String(320))
+    step: Mapped[str | None] = mapped_column(String(50))  # the routing rule that decided
+    matched_id: Mapped[str | None] = mapped_column(String(998))  # the stored id it matched
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
     account: Mapped[Account] = relationship(foreign_keys=[account_id], lazy="joined")
@@ -233,7 +256,10 @@ class Transfer(Base):
 
 class Outbox(Base):
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_due", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_outbox_due", "status", "next_attempt_at"),
+        Index("ix_outbox_message_pk", "message_pk"),  # `trace`: the jobs of one message
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     kind: Mapped[str] = mapped_column(String(10))
@@ -291,6 +317,22 @@ class Lease(Base):
     acquired_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class OutboxAttempt(Base):
+    """One delivery attempt of an outbox job, with the server's reply: `trace` reads these."""
+
+    __tablename__ = "outbox_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    outbox_id: Mapped[int] = mapped_column(ForeignKey("outbox.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)  # 1 for the first try
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(10))  # AttemptStatus
+    relay: Mapped[str] = mapped_column(String(400))  # maildir, pickup, smtp:host:port, …
+    dsn: Mapped[str | None] = mapped_column(String(16))  # enhanced status code, e.g. 4.7.1
+    reply: Mapped[str | None] = mapped_column(Text)  # the server's reply, or our error
+
+
 class ImapState(Base):
     __tablename__ = "imap_state"
 
@@ -299,6 +341,8 @@ class ImapState(Base):
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # The end of the watcher's last complete catch-up (even one that found nothing new).
+    last_sync_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 # Plain tables for Core statements on the ingest hot path (see pipeline.add_message).
@@ -309,3 +353,4 @@ MESSAGE_RECIPIENTS = cast(Table, MessageRecipient.__table__)
 OUTBOX = cast(Table, Outbox.__table__)
 INSTANCES = cast(Table, Instance.__table__)
 LEASES = cast(Table, Lease.__table__)
+OUTBOX_ATTEMPTS = cast(Table, OutboxAttempt.__table__)
