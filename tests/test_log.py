@@ -15,6 +15,7 @@ import pytest
 
 from helpers import make_settings, run_cli
 from mailrouter.log import FOREIGN_EVENT, LogHandler, event, setup_logging
+from mailrouter.store.migrate import head_revision
 
 log = logging.getLogger("mailrouter.test")
 
@@ -168,7 +169,7 @@ def test_schema_upgrade_line_is_a_json_event(tmp_path: Path) -> None:
     [upgrade] = [o for o in objs if o["event"] == "schema-upgrade"]
     assert (upgrade["from"], upgrade["to"], upgrade["logger"]) == (
         "empty",
-        "0001",
+        head_revision(),
         "mailrouter.store",
     )
     assert "message" not in upgrade

@@ -4,8 +4,9 @@ Every listing takes ``--json``; accounts are named by name or address everywhere
 Exit status: 0 done, 1 refused or failed (nothing changed), 2 usage or configuration error.
 
 One module per command group, each with its options beside its handlers (after Mailman
-3's ``commands/``): ``mail`` (mail in), ``interactions`` (the agents' operations) and
-``admin`` (the daemon, config, schema and queue).  This module only dispatches.
+3's ``commands/``): ``mail`` (mail in), ``interactions`` (the agents' operations),
+``admin`` (the daemon, config, schema and queue) and ``agents`` (who may use the HTTP
+API and desk).  This module only dispatches.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from mailrouter import __version__
-from mailrouter.cli import admin, interactions, mail
+from mailrouter.cli import admin, agents, interactions, mail
 from mailrouter.cli._common import EXIT_FAIL, EXIT_USAGE, CommandError
 from mailrouter.config import ConfigError, load
 from mailrouter.log import setup_logging
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.register(sub)
     mail.register(sub)
     interactions.register(sub)
+    agents.register(sub)
     return ap
 
 

@@ -164,20 +164,14 @@ def cmd_reply(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
-    from mailrouter.report import report
+    from mailrouter.report import report_document
 
     if args.to <= args.from_:
         raise CommandError("--to must be after --from")
-    rows = read(settings, lambda s, rt: report(s, rt, args.from_, args.to))
+    doc = read(settings, lambda s, rt: report_document(s, rt, args.from_, args.to))
+    rows = doc["accounts"]
     if args.json:
-        print_json(
-            {
-                "from": args.from_.isoformat(),
-                "to": args.to.isoformat(),
-                "attributed_to": "current account",
-                "accounts": rows,
-            }
-        )
+        print_json(doc)
     else:
         print(
             f"{args.from_.isoformat()} .. {args.to.isoformat()} (interactions and messages "

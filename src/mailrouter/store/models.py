@@ -1,4 +1,5 @@
-"""SQLAlchemy models: accounts, interactions, messages, transfers, the outbox, IMAP state.
+"""SQLAlchemy models: accounts, interactions, messages, transfers, the outbox, IMAP state,
+agents (with their accounts) and the idempotency keys of their API replies.
 
 Message-IDs are stored bare (no angle brackets).  ``message_refs`` keeps every id a message
 points at (In-Reply-To and References), so thread resolution is an indexed lookup and a
@@ -36,8 +37,11 @@ __all__ = [
     "MESSAGE_REFS",
     "OUTBOX",
     "Account",
+    "Agent",
+    "AgentAccount",
     "Base",
     "Direction",
+    "IdempotencyKey",
     "ImapState",
     "Interaction",
     "Message",
@@ -258,6 +262,62 @@ class ImapState(Base):
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AgentAccount(Base):
+    """An account an agent belongs to (an agent sees what these accounts own)."""
+
+    __tablename__ = "agent_accounts"
+
+    agent_id: Mapped[int] = mapped_column(
+        ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True
+    )
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+
+
+class Agent(Base):
+    """A person (or script) using the HTTP API or the desk.
+
+    Only hashes are stored.  A token is ``mrt_<token_id>_<secret>``: ``token_id`` is not
+    secret and finds the row, ``token_hash`` checks the secret.  Rotating replaces both.
+    """
+
+    __tablename__ = "agents"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    token_id: Mapped[str] = mapped_column(String(32), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(300))
+    password_hash: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    token_rotated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    password_set_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    accounts: Mapped[list[Account]] = relationship(
+        secondary="agent_accounts", lazy="selectin", order_by=Account.name
+    )
+
+
+class IdempotencyKey(Base):
+    """An API reply's ``Idempotency-Key`` with its outcome, written in the reply's transaction.
+
+    A retried request with the same key (same agent) finds the row and gets the same
+    answer instead of sending again; ``request_hash`` tells a retry from a different
+    request that reuses the key.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("agent", "key", name="uq_idempotency_keys_agent_key"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    agent: Mapped[str] = mapped_column(String(200))
+    key: Mapped[str] = mapped_column(String(200))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    interaction_id: Mapped[int] = mapped_column(ForeignKey("interactions.id"))
+    message_id: Mapped[str] = mapped_column(String(998))
+    outbox_id: Mapped[int] = mapped_column(ForeignKey("outbox.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 # Plain tables for Core statements on the ingest hot path (see pipeline.add_message).
