@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy import and_, case, false, func, or_, select
 from sqlalchemy.orm import Session
 
 from mailrouter.agents import Agent
@@ -146,12 +146,13 @@ def interaction_page(
         q = q.where(Interaction.status == status)
     if cursor is not None:
         u, at, last_id = _decode_cursor(cursor)
-        # Every key descends, so "after the cursor" is "less than it", key by key.
+        # Every key descends, so "after the cursor" is "less than it", key by key; for
+        # the unread flag that is: read rows come after unread ones.
         q = q.where(
             or_(
-                Interaction.unread < u,
+                Interaction.unread.is_(False) if u else false(),
                 and_(
-                    Interaction.unread == u,
+                    Interaction.unread.is_(u),
                     or_(
                         Interaction.last_activity_at < at,
                         and_(Interaction.last_activity_at == at, Interaction.id < last_id),

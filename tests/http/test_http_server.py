@@ -3,7 +3,11 @@ TLS, a port already taken, and which peers may speak for clients with X-Forwarde
 
 from __future__ import annotations
 
+import http.client
+import json
+import smtplib
 import socket
+import sqlite3
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -12,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import Request
-from served import Served, command, http_settings, start
+from served import Served, command, http_settings, start, wait_until
 
 from helpers import run_cli, subprocess_env
 from mailrouter import __version__
@@ -203,3 +207,63 @@ async def test_forwarded_for_is_believed_only_from_the_trusted_proxy(
         "client": client,
         "scheme": "https" if client != "127.0.0.1" else "http",
     }
+
+
+def _server_has_read(port: int, client_port: int) -> bool:
+    """The daemon has taken our request out of its socket (its receive queue is empty)."""
+    local, remote = f"0100007F:{port:04X}", f"0100007F:{client_port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[2] == remote:
+            return int(fields[4].split(":")[1], 16) == 0
+    return False
+
+
+def test_sigterm_lets_a_request_in_flight_finish(tmp_path: Path) -> None:
+    """SIGTERM while a pick waits for the store: no new connections, the pick is answered
+    200 once the store is free, and the daemon exits 0 within its drain timeout."""
+    settings = http_settings(tmp_path)
+    served = start(settings)
+    try:
+        token = _token(settings, "alice", "--account", "sales")
+        with smtplib.SMTP("127.0.0.1", settings.smtp.port, timeout=30) as smtp:
+            smtp.sendmail(
+                "c@customer.test",
+                ["sales@example.test"],
+                b"From: c@customer.test\r\nTo: sales@example.test\r\n"
+                b"Message-ID: <drain-1@customer.test>\r\nSubject: drain\r\n\r\nhi\r\n",
+            )
+        # Another writer holds SQLite's write lock, so the pick waits inside the daemon.
+        lock = sqlite3.connect(settings.database_url.removeprefix("sqlite:///"))
+        lock.isolation_level = None
+        lock.execute("BEGIN IMMEDIATE")
+        conn = http.client.HTTPConnection("127.0.0.1", settings.http.port, timeout=60)
+        try:
+            conn.request(
+                "POST", "/api/v1/interactions/1/pick", headers={"Authorization": f"Bearer {token}"}
+            )
+            client_port = conn.sock.getsockname()[1]
+            assert wait_until(lambda: _server_has_read(settings.http.port, client_port))
+            served.proc.terminate()
+
+            def refused() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", settings.http.port), timeout=1).close()
+                except OSError:
+                    return True
+                return False
+
+            assert wait_until(refused), "still accepting after SIGTERM"
+            assert served.proc.poll() is None  # waiting for the request in flight
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        response = conn.getresponse()
+        body = json.loads(response.read())
+        conn.close()
+        assert (response.status, body["assigned_agent"]) == (200, "alice")
+        assert served.proc.wait(timeout=30) == 0
+        assert "drain-timeout" not in served.log()
+        assert "event=stopped" in served.log()
+    finally:
+        served.close()

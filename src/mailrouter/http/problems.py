@@ -71,6 +71,7 @@ PROBLEMS: Mapping[str, ProblemType] = {
     "agent-exists": ProblemType(409, "Agent exists"),
     "not-held": ProblemType(409, "Not held"),
     "not-failed": ProblemType(409, "Not failed"),
+    "idempotency-key-in-use": ProblemType(409, "Idempotency key in use"),
     "too-large": ProblemType(413, "Request too large"),
     "bad-request": ProblemType(422, "Invalid request"),
     "unknown-account": ProblemType(422, "Unknown account"),
@@ -174,6 +175,12 @@ async def _invalid(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:
+        # FastAPI's answer to a body it cannot decode at all; a body it decodes but that
+        # is not valid JSON is already a 422.  One status for "bad body" is simpler.
+        return problem_response("bad-request", f"the request body cannot be read: {exc.detail}")
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        return problem_response("not-found", f"nothing at {request.url.path}")
     code = _BY_STATUS.get(exc.status_code, "http-error")
     return problem_response(
         code, str(exc.detail), status=exc.status_code, headers=exc.headers or None

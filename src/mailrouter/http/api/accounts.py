@@ -14,7 +14,7 @@ from mailrouter.http.problems import responses
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["accounts"], responses=responses(401))
+router = APIRouter(tags=["accounts"], responses=responses(401, 422))
 
 
 @router.get("/accounts", response_model=list[Account])

@@ -12,7 +12,7 @@ from mailrouter.http.problems import PROBLEMS, responses
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["problems"])
+router = APIRouter(tags=["problems"], responses=responses(404, 422))
 
 
 class ProblemTypeInfo(BaseModel):
