@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from mailrouter import reload
 from mailrouter.config import Settings
@@ -27,6 +28,9 @@ from mailrouter.pipeline import Pipeline
 from mailrouter.retry import backoff, wait_first, wait_unless_stopped
 from mailrouter.runtime import Runtime
 from mailrouter.systemd import Notifier, status_text
+
+if TYPE_CHECKING:
+    from mailrouter.http import HttpServer
 
 __all__ = ["Daemon", "StartupError", "run"]
 
@@ -52,6 +56,7 @@ class Daemon:
         self.worker: OutboxWorker | None = None
         self.watchers: WatcherSet | None = None
         self.listeners: list[tuple[str, Listener]] = []
+        self.http: HttpServer | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()
         self.notifier = notifier or Notifier()
@@ -132,6 +137,11 @@ class Daemon:
             if listener.enabled:
                 listener_ = await start_listener(self.pipeline, lmtp=lmtp, on_accepted=worker.wake)
                 self.listeners.append((name, listener_))
+        if s.http.enabled:
+            # Imported here: a daemon without [http] never loads FastAPI.
+            from mailrouter.http import create_app, start_http
+
+            self.http = await start_http(create_app(self.runtime, wake=worker.wake), s.http)
         self.watchers = WatcherSet(
             self.pipeline,
             self.supervise,
@@ -151,6 +161,8 @@ class Daemon:
             for n, lst in self.listeners
             for sock in lst.server.sockets[:1]
         )
+        if self.http is not None:
+            listening = f"{listening} http={self.http.address}".strip()
         event(
             log,
             "ready",
@@ -235,6 +247,8 @@ class Daemon:
         # Stop accepting; sessions in flight finish (a 250 still needs its commit, so the
         # writer stays up until they are done).
         drains = [lst.drain() for _, lst in self.listeners]
+        if self.http is not None:
+            drains.append(self.http.drain())  # requests in flight get their answer
         try:
             async with asyncio.timeout(self.settings.shutdown_timeout):
                 await asyncio.gather(*drains, *self.tasks, return_exceptions=True)
@@ -247,6 +261,8 @@ class Daemon:
             event(log, "drain-timeout", logging.WARNING, pending=pending)
         for _, lst in self.listeners:
             lst.abort()
+        if self.http is not None:
+            self.http.abort()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -24,9 +24,14 @@ class Refused(Exception):
 
     Codes in use: ``not-found``, ``unknown-account``, ``closed``, ``same-account``,
     ``transfer-not-enabled``, ``template-failed``, ``already-picked``, ``empty-body``,
-    ``no-customer-message``, ``no-customer-address``, ``not-held``, ``not-failed``;
+    ``no-customer-message``, ``no-customer-address``, ``bad-reply``,
+    ``idempotency-key-reused``, ``idempotency-key-in-use``, ``not-held``, ``not-failed``;
     the queue's ``bad-queue-id``, ``not-a-job``, ``already-held``, ``held``,
-    ``being-delivered``, ``already-sent``, ``deleted``, ``failed``, ``wrong-state``.
+    ``being-delivered``, ``already-sent``, ``deleted``, ``failed``, ``wrong-state``;
+    agents (``agents.py``): ``bad-token``, ``bad-password``, ``unknown-agent``,
+    ``agent-exists``, ``bad-agent-name``, ``no-accounts``, ``weak-password``; the HTTP
+    front end: ``unauthenticated``, ``admin-only``, ``not-your-account``, ``bad-cursor``,
+    ``bad-period``.  ``http/problems.py`` maps each to an HTTP status.
     """
 
     def __init__(self, code: str, message: str) -> None:

@@ -66,7 +66,7 @@ NEEDS_RESTART: Mapping[str, tuple[str, ...]] = {
     "daemon.instance_name": ("instance_name",),
     **{
         f"{proto}.{key}": (proto, key)
-        for proto in ("smtp", "lmtp")
+        for proto in ("smtp", "lmtp", "http")
         for key in ("enabled", "host", "port")
     },
 }

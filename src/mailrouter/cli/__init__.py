@@ -5,8 +5,9 @@ Exit status: 0 done, 1 refused or failed (nothing changed), 2 usage or configura
 
 One module per command group, each with its options beside its handlers (after Mailman
 3's ``commands/``): ``mail`` (mail in), ``interactions`` (the agents' operations),
-``admin`` (the daemon, config and schema), ``queue`` (held messages and outbox jobs) and
-``observe`` (``trace`` one message, ``status``).  This module only dispatches.
+``admin`` (the daemon, config and schema), ``queue`` (held messages and outbox jobs),
+``observe`` (``trace`` one message, ``status``) and ``agents`` (who may use the HTTP API
+and desk).  This module only dispatches.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from mailrouter import __version__
-from mailrouter.cli import admin, interactions, mail, observe, queue
+from mailrouter.cli import admin, agents, interactions, mail, observe, queue
 from mailrouter.cli._common import EXIT_FAIL, EXIT_USAGE, CommandError
 from mailrouter.config import ConfigError, load
 from mailrouter.log import setup_logging
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     observe.register(sub)
     mail.register(sub)
     interactions.register(sub)
+    agents.register(sub)
     return ap
 
 

@@ -1,5 +1,6 @@
 """SQLAlchemy models: accounts, interactions, messages, transfers, the outbox and its
-delivery attempts, IMAP state.
+delivery attempts, IMAP state, instances and leases, agents (with their accounts) and the
+idempotency keys of their API replies.
 
 Message-IDs are stored bare (no angle brackets).  ``message_refs`` keeps the ids a message
 points at (In-Reply-To and References, at most the root and the 99 nearest: see
@@ -41,9 +42,12 @@ __all__ = [
     "OUTBOX",
     "OUTBOX_ATTEMPTS",
     "Account",
+    "Agent",
+    "AgentAccount",
     "AttemptStatus",
     "Base",
     "Direction",
+    "IdempotencyKey",
     "ImapState",
     "Instance",
     "Interaction",
@@ -343,6 +347,62 @@ class ImapState(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # The end of the watcher's last complete catch-up (even one that found nothing new).
     last_sync_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AgentAccount(Base):
+    """An account an agent belongs to (an agent sees what these accounts own)."""
+
+    __tablename__ = "agent_accounts"
+
+    agent_id: Mapped[int] = mapped_column(
+        ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True
+    )
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+
+
+class Agent(Base):
+    """A person (or script) using the HTTP API or the desk.
+
+    Only hashes are stored.  A token is ``mrt_<token_id>_<secret>``: ``token_id`` is not
+    secret and finds the row, ``token_hash`` checks the secret.  Rotating replaces both.
+    """
+
+    __tablename__ = "agents"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    token_id: Mapped[str] = mapped_column(String(32), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(300))
+    password_hash: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    token_rotated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    password_set_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    accounts: Mapped[list[Account]] = relationship(
+        secondary="agent_accounts", lazy="selectin", order_by=Account.name
+    )
+
+
+class IdempotencyKey(Base):
+    """An API reply's ``Idempotency-Key`` with its outcome, written in the reply's transaction.
+
+    A retried request with the same key (same agent) finds the row and gets the same
+    answer instead of sending again; ``request_hash`` tells a retry from a different
+    request that reuses the key.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("agent", "key", name="uq_idempotency_keys_agent_key"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    agent: Mapped[str] = mapped_column(String(200))
+    key: Mapped[str] = mapped_column(String(200))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    interaction_id: Mapped[int] = mapped_column(ForeignKey("interactions.id"))
+    message_id: Mapped[str] = mapped_column(String(998))
+    outbox_id: Mapped[int] = mapped_column(ForeignKey("outbox.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 # Plain tables for Core statements on the ingest hot path (see pipeline.add_message).
