@@ -440,7 +440,7 @@ def test_log_format_json_gives_one_object_per_decision(settings: Settings) -> No
     ]
     assert len(decisions) == 1
     d = decisions[0]
-    assert (d["event"], d["rule"], d["action"], d["rcpt"]) == (
+    assert (d["event"], d["rule"], d["action"], d["account"]) == (
         "decision",
         "new-interaction",
         "deliver",
@@ -464,3 +464,24 @@ def test_read_only_commands_do_not_wait_for_the_write_lock(settings: Settings) -
     finally:
         writer.rollback()
         writer.close()
+
+
+def test_a_listing_into_a_closed_pipe_exits_quietly(settings: Settings, tmp_path: Path) -> None:
+    """`mailrouter interactions | head -1` prints no BrokenPipeError traceback."""
+    mail = tmp_path / "mail"
+    mail.mkdir()
+    for n in range(400):  # a listing well past the 64 KiB a pipe buffers
+        (mail / f"{n}.eml").write_bytes(
+            f"From: c{n}@customer.test\nTo: sales@example.test\nSubject: question {n}\n"
+            f"Message-ID: <q{n}@customer.test>\n\nhello\n".encode()
+        )
+    assert run_cli(settings, "ingest", "--queue-only", str(mail))[0] == 0
+    cmd = (
+        f"{sys.executable} -m mailrouter -c {settings.config_path} interactions --json"
+        " | head -c 10 > /dev/null"
+    )
+    done = subprocess.run(
+        ["bash", "-c", cmd], env=subprocess_env(settings), capture_output=True, timeout=60
+    )
+    assert b"Traceback" not in done.stderr, done.stderr.decode()
+    assert b"BrokenPipeError" not in done.stderr

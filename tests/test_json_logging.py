@@ -169,7 +169,12 @@ def test_json_log_is_one_object_per_line_from_start_to_stop(
     assert ready["listening"] == f"smtp=127.0.0.1:{settings.smtp.port}"
     assert (ready["accounts"], ready["database"]) == (3, "sqlite")
     [decision] = [e for e in events if e["event"] == "decision"]
-    assert (decision["msgid"], decision["rcpt"], decision["action"], decision["interaction"]) == (
+    assert (
+        decision["msgid"],
+        decision["account"],
+        decision["action"],
+        decision["interaction"],
+    ) == (
         "<json-1@customer.test>",
         "sales@example.test",
         "deliver",

@@ -15,6 +15,7 @@ import pytest
 
 from helpers import make_settings, run_cli
 from mailrouter.log import FOREIGN_EVENT, LogHandler, event, setup_logging
+from mailrouter.store.migrate import head_revision
 
 log = logging.getLogger("mailrouter.test")
 
@@ -166,9 +167,10 @@ def test_schema_upgrade_line_is_a_json_event(tmp_path: Path) -> None:
     assert code == 0, err
     objs = [json.loads(line) for line in err.splitlines()]
     [upgrade] = [o for o in objs if o["event"] == "schema-upgrade"]
+
     assert (upgrade["from"], upgrade["to"], upgrade["logger"]) == (
         "empty",
-        "0001",
+        head_revision(),
         "mailrouter.store",
     )
     assert "message" not in upgrade
@@ -200,6 +202,55 @@ def test_daemon_run_logs_what_python_would_print_itself(
     assert "ValueError: in a finaliser" in ignored["exc"]
     assert (crashed["event"], crashed["level"]) == ("crashed", "critical")
     assert "RuntimeError: the loop died" in crashed["exc"]
+
+
+# --------------------------------------------------------------------------- journald
+
+
+def _journal_env(path: Path) -> dict[str, str]:
+    st = path.stat()
+    return {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+
+
+@pytest.mark.parametrize("fmt", ["kv", "json"])
+def test_lines_to_the_journal_stream_carry_syslog_priorities(tmp_path: Path, fmt: str) -> None:
+    """JOURNAL_STREAM names our stream: <7> debug, <6> info, <4> warning, <3> error, <2> crit."""
+    path = tmp_path / "journal"
+    with path.open("w", encoding="utf-8") as stream:
+        setup_logging(fmt, "DEBUG", stream, env=_journal_env(path))
+        for level in (
+            logging.DEBUG,
+            logging.INFO,
+            logging.WARNING,
+            logging.ERROR,
+            logging.CRITICAL,
+        ):
+            event(log, "probe", level, level_name=logging.getLevelName(level))
+    lines = path.read_text("utf-8").splitlines()
+    assert [line[:3] for line in lines] == ["<7>", "<6>", "<4>", "<3>", "<2>"]
+    if fmt == "json":  # journald strips the prefix; what remains is the JSON object
+        assert [json.loads(line[3:])["event"] for line in lines] == ["probe"] * 5
+
+
+def test_journal_stream_of_another_file_adds_no_prefix(tmp_path: Path) -> None:
+    """JOURNAL_STREAM inherited while our stderr goes elsewhere: plain lines."""
+    journal, other = tmp_path / "journal", tmp_path / "other"
+    journal.touch()
+    with other.open("w", encoding="utf-8") as stream:
+        setup_logging("kv", "INFO", stream, env=_journal_env(journal))
+        event(log, "probe", logging.WARNING)
+    [line] = other.read_text("utf-8").splitlines()
+    assert not line.startswith("<") and "event=probe" in line
+
+
+def test_no_journal_stream_no_prefix(tmp_path: Path) -> None:
+    """Without JOURNAL_STREAM (a terminal, a pipe, a file), lines are as before."""
+    path = tmp_path / "log"
+    with path.open("w", encoding="utf-8") as stream:
+        setup_logging("kv", "INFO", stream, env={})
+        event(log, "probe", logging.ERROR)
+    [line] = path.read_text("utf-8").splitlines()
+    assert line.split(" ")[1:3] == ["error", "mailrouter.test"]
 
 
 @pytest.mark.parametrize(

@@ -2,28 +2,35 @@
 
 ``startup() → main_loop() → shutdown()`` as in uvicorn: on SIGTERM or SIGINT the listeners
 stop accepting, sessions in flight get up to ``daemon.shutdown_timeout`` seconds to finish,
-the outbox worker completes the job in hand, and the process exits 0.
+the outbox worker completes the job in hand, and the process exits 0.  SIGHUP reloads the
+config file (:mod:`mailrouter.reload`).  systemd hears about each step (:mod:`mailrouter.systemd`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-import os
 import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
+from mailrouter import reload
 from mailrouter.config import Settings
-from mailrouter.deliver.outbox import OutboxWorker
+from mailrouter.deliver.outbox import OutboxWorker, queue_counts
 from mailrouter.ingest.smtp import Listener, start_listener
+from mailrouter.ingest.watchers import WatcherSet
 from mailrouter.log import event
+from mailrouter.metrics import PrometheusMetrics
 from mailrouter.pipeline import Pipeline
-from mailrouter.retry import backoff, wait_unless_stopped
+from mailrouter.retry import backoff, wait_first, wait_unless_stopped
 from mailrouter.runtime import Runtime
+from mailrouter.systemd import Notifier, status_text
+
+if TYPE_CHECKING:
+    from mailrouter.http import HttpServer
 
 __all__ = ["Daemon", "StartupError", "run"]
 
@@ -34,32 +41,56 @@ class StartupError(Exception):
     """The daemon cannot start as configured (reported, exit status 2)."""
 
 
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about readiness; a no-op outside systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(state.encode(), addr)
+# How often the STATUS= line shown by `systemctl status` is brought up to date.
+STATUS_INTERVAL = 10.0
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
+        self._settings = settings
         self.stop = asyncio.Event()
         self.runtime: Runtime | None = None
+        # The daemon's own registry: its stages count into it, /metrics renders it.
+        self.metrics = PrometheusMetrics()
         self.pipeline: Pipeline | None = None
         self.worker: OutboxWorker | None = None
+        self.watchers: WatcherSet | None = None
         self.listeners: list[tuple[str, Listener]] = []
+        self.http: HttpServer | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()
+        self.notifier = notifier or Notifier()
+        # What a reload re-reads and applies besides the settings themselves; a new part
+        # of the daemon (agents, say) appends its own in startup().
+        self.reloaders: list[reload.Reloader] = [
+            reload.templates_reloader(),
+            reload.log_level_reloader(),
+        ]
+        self.reload_requested = asyncio.Event()
+        self.reload_refused = False
+        self._service_tasks: list[asyncio.Task[None]] = []
+        self._service_stop = asyncio.Event()
+        self._phase = "starting"
 
-    async def supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
-        """Run a stage; if it crashes, log it and restart it with capped, jittered backoff."""
+    @property
+    def settings(self) -> Settings:
+        """The current settings: the runtime's once it is open (a reload swaps them there)."""
+        return self.runtime.settings if self.runtime is not None else self._settings
+
+    async def supervise(
+        self,
+        name: str,
+        factory: Callable[[], Awaitable[None]],
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        """Run a stage; if it crashes, log it and restart it with capped, jittered backoff.
+
+        ``stop`` ends one stage (an IMAP watcher a reload removes); the daemon's own
+        :attr:`stop` ends them all.
+        """
+        stop = stop or self.stop
         crashes = 0
-        while not self.stop.is_set():
+        while not stop.is_set() and not self.stop.is_set():
             try:
                 await factory()
                 return
@@ -76,7 +107,8 @@ class Daemon:
                     stage=name,
                     restart_in=round(pause, 1),
                 )
-                if await wait_unless_stopped(self.stop, pause):
+                await wait_first(stop.wait(), self.stop.wait(), seconds=pause)
+                if stop.is_set() or self.stop.is_set():
                     return
 
     async def startup(self) -> None:
@@ -86,34 +118,51 @@ class Daemon:
         problems = check_templates(s)
         if problems:
             raise StartupError("notice templates: " + "; ".join(problems))
-        self.runtime = await asyncio.to_thread(Runtime.open, s)
+        self.runtime = await asyncio.to_thread(
+            functools.partial(Runtime.open, s, metrics=self.metrics)
+        )
         self.pipeline = Pipeline(self.runtime)
-        self.worker = OutboxWorker(self.runtime)
+        self.worker = OutboxWorker(
+            self.runtime, name=s.instance_name or f"{socket.gethostname()}:{s.state_dir}"
+        )
         worker = self.worker
+        # Registering retires this name's dead predecessor and frees its claims at once,
+        # before the first round (a crash must not strand work until a lease runs out).
+        await self.runtime.writes.submit(worker.register_in)
         self.tasks.append(
             asyncio.create_task(self.supervise("outbox", lambda: worker.run(self.stop)))
         )
+        self.tasks.append(asyncio.create_task(self.supervise("heartbeat", self._beat)))
         for name, listener, lmtp in (("smtp", s.smtp, False), ("lmtp", s.lmtp, True)):
             if listener.enabled:
-                listener_ = await start_listener(
-                    self.pipeline, listener, lmtp=lmtp, on_accepted=worker.wake
-                )
+                listener_ = await start_listener(self.pipeline, lmtp=lmtp, on_accepted=worker.wake)
                 self.listeners.append((name, listener_))
-        watched = [a for a in s.accounts if a.imap is not None]
-        if watched:
-            from mailrouter.ingest.imap import ImapWatcher
+        if s.http.enabled:
+            # Imported here: a daemon without [http] never loads FastAPI.
+            from mailrouter.http import create_app, start_http
 
-            for acc in watched:
-                watcher = ImapWatcher(self.pipeline, acc, on_accepted=worker.wake)
-                run_watcher = functools.partial(watcher.run, self.stop)
-                self.tasks.append(
-                    asyncio.create_task(self.supervise(f"imap:{acc.name}", run_watcher))
-                )
+            self.http = await start_http(create_app(self.runtime, wake=worker.wake), s.http)
+        self.watchers = WatcherSet(
+            self.pipeline,
+            self.supervise,
+            on_accepted=worker.wake,
+            holder=lambda: worker.instance_id,
+        )
+        self.watchers.start()
+        self.tasks.append(asyncio.create_task(self.watchers.run_until(self.stop)))
+        watched = self.watchers.watchers
+        self.reloaders += [
+            reload.tls_reloader([lst for _, lst in self.listeners]),
+            reload.imap_reloader(self.watchers),
+        ]
+        self.tasks.append(asyncio.create_task(self._reload_on_request()))
         listening = " ".join(
             f"{n}={sock.getsockname()[0]}:{sock.getsockname()[1]}"
             for n, lst in self.listeners
             for sock in lst.server.sockets[:1]
         )
+        if self.http is not None:
+            listening = f"{listening} http={self.http.address}".strip()
         event(
             log,
             "ready",
@@ -123,16 +172,83 @@ class Daemon:
             database=s.database_url.split(":", 1)[0],
             state_dir=str(s.state_dir),
         )
-        sd_notify("READY=1")
+        self._phase = "accepting" if self.listeners else "running"
+        self.notifier.ready(await self._status_for_systemd())
+        self._service_tasks += [
+            # Pings go on while the daemon drains: systemd's stop timeout takes over then.
+            asyncio.create_task(self.notifier.keep_alive(self._service_stop)),
+            asyncio.create_task(self._refresh_status()),
+        ]
         self.ready.set()
 
+    async def _beat(self) -> None:
+        assert self.worker is not None
+        await self.worker.beat(self.stop)
+
+    # ------------------------------------------------------------------ reload, status
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply it (see :mod:`mailrouter.reload`); True if it
+        was applied, False if refused (the running settings stay)."""
+        assert self.runtime is not None, "startup() first"
+        phase, self._phase = self._phase, "reloading"
+        self.notifier.reloading()
+        try:
+            ok = await reload.reload(self.runtime, self.reloaders)
+        finally:
+            self._phase = phase
+        self.reload_refused = not ok
+        self.notifier.ready(await self._status_for_systemd())
+        return ok
+
+    async def _reload_on_request(self) -> None:
+        """One reload per SIGHUP; signals that arrive during a reload cause one more."""
+        while True:
+            await wait_first(self.reload_requested.wait(), self.stop.wait(), seconds=None)
+            if self.stop.is_set():
+                return
+            self.reload_requested.clear()
+            await self.reload()
+
+    async def status(self) -> str:
+        """The one-line state for systemd's STATUS= ("accepting; queue 3; imap sales ok")."""
+        counts: dict[str, int] | None = None
+        if self.runtime is not None:
+            db = self.runtime.db
+
+            def count() -> dict[str, int]:
+                with db.read() as session:
+                    return queue_counts(session)
+
+            try:
+                counts = await asyncio.to_thread(count)
+            except Exception:  # noqa: BLE001 - a status line never fails; it says "queue ?"
+                counts = None
+        imap = {n: w.state for n, w in (self.watchers.watchers if self.watchers else {}).items()}
+        return status_text(self._phase, counts, imap, reload_refused=self.reload_refused)
+
+    async def _status_for_systemd(self) -> str | None:
+        # Outside systemd nobody reads it: no query for nothing.
+        return await self.status() if self.notifier.enabled else None
+
+    async def _refresh_status(self) -> None:
+        last = None
+        while self.notifier.enabled and not await wait_unless_stopped(self.stop, STATUS_INTERVAL):
+            text = await self.status()
+            if text != last:
+                self.notifier.status(text)
+                last = text
+
     async def shutdown(self) -> None:
-        sd_notify("STOPPING=1")
+        self._phase = "stopping"
+        self.notifier.stopping(f"stopping; draining for up to {self.settings.shutdown_timeout:g}s")
         event(log, "stopping", timeout=self.settings.shutdown_timeout)
         self.stop.set()
         # Stop accepting; sessions in flight finish (a 250 still needs its commit, so the
         # writer stays up until they are done).
         drains = [lst.drain() for _, lst in self.listeners]
+        if self.http is not None:
+            drains.append(self.http.drain())  # requests in flight get their answer
         try:
             async with asyncio.timeout(self.settings.shutdown_timeout):
                 await asyncio.gather(*drains, *self.tasks, return_exceptions=True)
@@ -145,23 +261,37 @@ class Daemon:
             event(log, "drain-timeout", logging.WARNING, pending=pending)
         for _, lst in self.listeners:
             lst.abort()
+        if self.http is not None:
+            self.http.abort()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.worker is not None:
+            try:
+                await self.worker.retire()
+            except Exception as exc:  # noqa: BLE001 - a store problem at stop: logged
+                # Not fatal: the next start of this name retires it anyway.
+                event(log, "retire-failed", logging.WARNING, exc_info=exc)
         if self.runtime is not None:
             await self.runtime.aclose()
+        self._service_stop.set()
+        await asyncio.gather(*self._service_tasks, return_exceptions=True)
+        self.notifier.close()
         event(log, "stopped")
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
+        # Installed before start-up, so an early SIGHUP is a reload once ready, never the
+        # default action (terminate).
+        loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
         try:
             await self.startup()
             await self.stop.wait()
         finally:
             await self.shutdown()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
 

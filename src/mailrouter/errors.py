@@ -9,7 +9,14 @@ in its error ``detail``, so both front ends say the same thing in the same words
 
 from __future__ import annotations
 
-__all__ = ["Refused"]
+import logging
+from typing import Any
+
+from mailrouter.log import event
+
+__all__ = ["Refused", "log_refusal"]
+
+log = logging.getLogger("mailrouter.refused")
 
 
 class Refused(Exception):
@@ -17,7 +24,14 @@ class Refused(Exception):
 
     Codes in use: ``not-found``, ``unknown-account``, ``closed``, ``same-account``,
     ``transfer-not-enabled``, ``busy``, ``already-picked``, ``empty-body``,
-    ``no-customer-message``, ``no-customer-address``, ``not-held``, ``not-failed``.
+    ``no-customer-message``, ``no-customer-address``, ``bad-reply``,
+    ``idempotency-key-reused``, ``idempotency-key-in-use``, ``not-held``, ``not-failed``;
+    the queue's ``bad-queue-id``, ``not-a-job``, ``already-held``, ``held``,
+    ``being-delivered``, ``already-sent``, ``deleted``, ``failed``, ``wrong-state``;
+    agents (``agents.py``): ``bad-token``, ``bad-password``, ``unknown-agent``,
+    ``agent-exists``, ``bad-agent-name``, ``no-accounts``, ``weak-password``; the HTTP
+    front end: ``unauthenticated``, ``admin-only``, ``not-your-account``, ``bad-cursor``,
+    ``bad-period``.  ``http/problems.py`` maps each to an HTTP status.
     (``template-failed`` is gone: a failing notice template no longer refuses a transfer.)
     """
 
@@ -28,3 +42,8 @@ class Refused(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def log_refusal(exc: Refused, op: str, **fields: Any) -> None:
+    """The one log line a front end writes for a refusal it reports (``event=refused``)."""
+    event(log, "refused", logging.INFO, op=op, code=exc.code, reason=exc.message, **fields)

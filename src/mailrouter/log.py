@@ -14,13 +14,19 @@ exactly one line, whatever it carries:
 :func:`setup_logging` puts its handler on the root logger, so records from other
 libraries (aiosmtpd's ``mail.log``, ``asyncio``, ``alembic``, Python warnings) come out
 in the same shape: with the event name ``log`` and their text under ``message``.
+
+Under systemd, when ``$JOURNAL_STREAM`` names the very stream we write to, each line starts
+with the syslog priority journald reads (``<3>`` error … ``<7>`` debug, sd-daemon(3)), so
+``journalctl -p warning`` shows warnings and errors; journald strips the prefix.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TextIO
@@ -31,8 +37,11 @@ __all__ = [
     "KVFormatter",
     "LogHandler",
     "event",
+    "journal_priority",
     "kv",
+    "set_level",
     "setup_logging",
+    "writes_to_journal",
 ]
 
 _EVENT = "mr_event"
@@ -166,19 +175,66 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+def journal_priority(levelno: int) -> int:
+    """The syslog priority of a logging level: 2 critical, 3 error, 4 warning, 6 info, 7 debug."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+def writes_to_journal(stream: TextIO, env: Mapping[str, str] | None = None) -> bool:
+    """Is ``stream`` the journal stream systemd connected us to?
+
+    ``$JOURNAL_STREAM`` is ``DEVICE:INODE`` of that stream (systemd.exec(5)); it is
+    inherited by children whose stderr goes elsewhere, so only a stream whose file has
+    that device and inode counts.
+    """
+    value = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not sep:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (AttributeError, OSError, ValueError):  # no real file behind it (pytest, StringIO)
+        return False
+
+
 class LogHandler(logging.StreamHandler[TextIO]):
     """The one handler setup_logging installs (and replaces when called again)."""
 
+    def __init__(self, stream: TextIO, *, journal: bool = False) -> None:
+        super().__init__(stream)
+        self.journal = journal
 
-def setup_logging(fmt: str = "kv", level: str = "INFO", stream: TextIO | None = None) -> None:
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return f"<{journal_priority(record.levelno)}>{line}" if self.journal else line
+
+
+def setup_logging(
+    fmt: str = "kv",
+    level: str = "INFO",
+    stream: TextIO | None = None,
+    env: Mapping[str, str] | None = None,
+) -> None:
     """One handler on the root logger, formatting every record as ``fmt`` on ``stream``.
 
     mailrouter's own loggers log at ``level``; other libraries' only at WARNING and up
     (aiosmtpd logs every connection at INFO, and with DEBUG every command line, AUTH
     included).  Python warnings are routed through logging too, so they share the shape.
-    Handlers that others put on the root logger (pytest's, say) are left alone.
+    Handlers that others put on the root logger (pytest's, say) are left alone.  Lines
+    get journald's priority prefix when ``stream`` is the journal (``env``: the
+    environment to look in, ``os.environ`` by default).
     """
-    handler = LogHandler(stream or sys.stderr)
+    out = stream or sys.stderr
+    handler = LogHandler(out, journal=writes_to_journal(out, env))
     handler.setFormatter(JsonFormatter() if fmt == "json" else KVFormatter())
     root = logging.getLogger()
     ours = logging.getLogger("mailrouter")
@@ -186,7 +242,13 @@ def setup_logging(fmt: str = "kv", level: str = "INFO", stream: TextIO | None = 
         for old in [h for h in logger.handlers if isinstance(h, LogHandler)]:
             logger.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
-    ours.setLevel(level.upper())
+    set_level(level)
     ours.propagate = True
     logging.captureWarnings(True)
+
+
+def set_level(level: str) -> None:
+    """mailrouter's loggers at ``level``, other libraries' at WARNING and up (see above)."""
+    root = logging.getLogger()
+    root.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+    logging.getLogger("mailrouter").setLevel(level.upper())

@@ -19,6 +19,11 @@ from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
 from email.utils import getaddresses, parseaddr, parsedate_to_datetime
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mailrouter.bounces import Bounce
 
 __all__ = [
     "LOOP_HEADER",
@@ -366,6 +371,8 @@ class ParsedMessage:
     content_hash: str
     automatic: str | None
     problem: str | None  # why it cannot be routed (held), or None
+    # The SMTP envelope sender it came with ("" for the null sender), if it came with one.
+    envelope_sender: str | None = None
     # Ids this message replies to, nearest first: In-Reply-To, then References last→first,
     # without repeats or its own id.  Computed once, when parsed: resolution and the insert
     # read it on the writer thread, where no message may cost more than its share.
@@ -375,6 +382,16 @@ class ParsedMessage:
         nearest = dict.fromkeys([*self.in_reply_to, *reversed(self.references)])
         nearest.pop(self.message_id, None)
         object.__setattr__(self, "parents", list(nearest))
+
+    @cached_property
+    def bounce(self) -> Bounce | None:
+        """The delivery status notification this is, if it is one (only automatic mail is
+        read for that).  Computed once; the pipeline asks before the writer thread does."""
+        if not self.automatic:
+            return None
+        from mailrouter.bounces import read_bounce
+
+        return read_bounce(self.raw)
 
     @property
     def from_display(self) -> str:
@@ -452,4 +469,5 @@ def parse(raw: bytes, envelope_sender: str | None = None) -> ParsedMessage:
         content_hash=digest,
         automatic=automatic_reason(msg, envelope_sender),
         problem=problem,
+        envelope_sender=envelope_sender,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, assert_never
@@ -18,8 +19,8 @@ from sqlalchemy import case, delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from mailrouter.config import AccountSettings
-from mailrouter.deliver.outbox import enqueue
+from mailrouter.config import AccountSettings, Settings
+from mailrouter.deliver.outbox import enqueue, mark_bounced
 from mailrouter.errors import Refused
 from mailrouter.log import event
 from mailrouter.parse import ParsedMessage, format_id, parse
@@ -37,7 +38,7 @@ from mailrouter.store.models import (
     OutboxKind,
     utcnow,
 )
-from mailrouter.store.queries import StoreView
+from mailrouter.store.queries import AccountMap, StoreView
 
 __all__ = ["Accepted", "NotHeld", "Pipeline", "StoreUnavailable"]
 
@@ -71,9 +72,16 @@ class Pipeline:
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.settings = rt.settings
         self.db = rt.db
-        self.accounts = rt.accounts
+
+    # Read through the runtime on every use, so that a reload applies at once.
+    @property
+    def settings(self) -> Settings:
+        return self.rt.settings
+
+    @property
+    def accounts(self) -> AccountMap:
+        return self.rt.accounts
 
     # ------------------------------------------------------------------ recipients
 
@@ -120,14 +128,20 @@ class Pipeline:
         message that breaks the routing code is stored as held instead: one bad message
         must never stop the stage, nor be lost.
         """
+        started = time.perf_counter()
         msg, receiving = self._prepare(raw, accounts, envelope_sender)
 
         def once() -> Accepted:
             with self.db.write() as session:
                 return self._accept_in(session, msg, receiving, source, in_mailbox_of)
 
-        result = self._with_retry(once)
-        self._log(msg, result)
+        try:
+            result = self._with_retry(once)
+        except StoreUnavailable:
+            self.rt.metrics.received(receiving[0], source, "tempfail")
+            raise
+        self.rt.metrics.accepted(time.perf_counter() - started)
+        self._log(msg, result, source)
         return result
 
     async def accept_async(
@@ -140,6 +154,7 @@ class Pipeline:
         in_mailbox_of: str | None = None,
     ) -> Accepted:
         """:meth:`accept` for the daemon: the same work, group-committed with other writes."""
+        started = time.perf_counter()
         msg, receiving = await asyncio.to_thread(self._prepare, raw, accounts, envelope_sender)
         for attempt in (1, 2):
             try:
@@ -149,8 +164,10 @@ class Pipeline:
                 break
             except Exception as exc:
                 if not self._retryable(exc, attempt):
+                    self.rt.metrics.received(receiving[0], source, "tempfail")
                     raise self._unavailable(exc) from exc
-        self._log(msg, result)
+        self.rt.metrics.accepted(time.perf_counter() - started)
+        self._log(msg, result, source)
         return result
 
     def accept_in(
@@ -166,6 +183,8 @@ class Pipeline:
         if not accounts:
             raise ValueError("accept() needs at least one receiving account")
         msg = parse(raw, envelope_sender)
+        # Read a bounce here, off the writer thread, where resolution will want it.
+        _ = msg.bounce
         return msg, self.order_recipients(msg, accounts)
 
     def _with_retry(self, once: Callable[[], T]) -> T:
@@ -202,11 +221,15 @@ class Pipeline:
         receiving: list[str],
         source: str,
         in_mailbox_of: str | None,
+        pk: int | None = None,
     ) -> Accepted:
-        """Decide and persist in ``session``; a crash in the routing code holds the message."""
+        """Decide and persist in ``session``; a crash in the routing code holds the message.
+
+        ``pk``: store the message under this key (a released message keeps its id).
+        """
         try:
             with session.begin_nested():
-                return self._apply(session, msg, receiving, source, in_mailbox_of)
+                return self._apply(session, msg, receiving, source, in_mailbox_of, pk)
         except SQLAlchemyError:
             raise  # the store's problem, not the message's: the caller retries or 451s
         except Exception as exc:  # noqa: BLE001 - event() logs it with exc_info
@@ -214,7 +237,7 @@ class Pipeline:
                 log, "routing-crashed", logging.ERROR, exc_info=exc, msgid=format_id(msg.message_id)
             )
             with session.begin_nested():
-                return self._hold_after_crash(session, msg, receiving, source, exc)
+                return self._hold_after_crash(session, msg, receiving, source, exc, pk)
 
     def _apply(
         self,
@@ -223,9 +246,12 @@ class Pipeline:
         receiving: list[str],
         source: str,
         in_mailbox_of: str | None = None,
+        pk: int | None = None,
     ) -> Accepted:
         view = StoreView(session, self.accounts)
+        started = time.perf_counter()
         d = decide(msg, receiving, view, subject_token=self.settings.notify.subject_token or None)
+        self.rt.metrics.resolved(time.perf_counter() - started)
         ids = [self.accounts.id(n) for n in receiving]
         match d.action:
             case Action.DUPLICATE:
@@ -237,9 +263,9 @@ class Pipeline:
                 add_recipients(session, d.existing_pk, [a for a in ids if a not in known])
                 return Accepted(d, d.existing_pk, d.interaction_id)
             case Action.HOLD:
-                return self._store_held(session, msg, ids, source, d)
+                return self._store_held(session, msg, ids, source, d, pk)
             case Action.DELIVER | Action.ROUTE:
-                return self._store_and_deliver(session, msg, ids, source, in_mailbox_of, d)
+                return self._store_and_deliver(session, msg, ids, source, in_mailbox_of, d, pk)
             case _:
                 assert_never(d.action)
 
@@ -251,6 +277,7 @@ class Pipeline:
         source: str,
         in_mailbox_of: str | None,
         d: Decision,
+        pk: int | None = None,
     ) -> Accepted:
         """Store the message in its interaction (a new one if need be) and queue delivery."""
         assert d.owner is not None and d.deliver_to is not None
@@ -273,6 +300,7 @@ class Pipeline:
             direction=Direction.INBOUND,
             account_id=ids[0],
             interaction_id=iid,
+            pk=pk,
             source=source,
             recipients=ids,
             # Routed only when the owner was not among the recipients: a Cc to the old and
@@ -280,6 +308,8 @@ class Pipeline:
             routed_to=owner_id if d.action == Action.ROUTE else None,
             rule=d.rule,
             action=d.action,
+            step=d.step,
+            matched_id=d.matched_id,
         )
         # New customer mail makes the conversation unread again (and reopens a closed one),
         # but never changes its owner: only a transfer does (no automatic return).  Only
@@ -300,6 +330,9 @@ class Pipeline:
                 last_customer_message_pk=from_customer,
             )
         )
+        if d.rule == "bounce-of" and msg.bounce is not None and d.matched_id is not None:
+            # The notice or reply it reports on did not reach the customer after all.
+            mark_bounced(session, d.matched_id, msg.bounce.summary())
         if d.deliver_to == in_mailbox_of:
             return Accepted(d, pk, iid)
         out = enqueue(
@@ -320,6 +353,7 @@ class Pipeline:
         receiving: list[str],
         source: str,
         exc: Exception,
+        pk: int | None = None,
     ) -> Accepted:
         d = Decision(
             Action.HOLD,
@@ -331,11 +365,17 @@ class Pipeline:
         seen = StoreView(session, self.accounts).existing(msg.message_id, msg.content_hash)
         if seen is not None:
             return Accepted(d, seen[0], None)
-        return self._store_held(session, msg, [self.accounts.id(n) for n in receiving], source, d)
+        ids = [self.accounts.id(n) for n in receiving]
+        return self._store_held(session, msg, ids, source, d, pk)
 
     @staticmethod
     def _store_held(
-        session: Session, msg: ParsedMessage, ids: list[int], source: str, d: Decision
+        session: Session,
+        msg: ParsedMessage,
+        ids: list[int],
+        source: str,
+        d: Decision,
+        pk: int | None = None,
     ) -> Accepted:
         """Keep a message for inspection: no interaction, no delivery, the reason recorded."""
         pk = add_message(
@@ -344,18 +384,22 @@ class Pipeline:
             direction=Direction.INBOUND,
             account_id=ids[0],
             interaction_id=None,
+            pk=pk,
             source=source,
             recipients=ids,
             rule=d.rule,
             action=d.action,
             hold_reason=d.reason or d.rule,
+            step=d.step,
+            matched_id=d.matched_id,
         )
         return Accepted(d, pk, None)
 
     def release(self, message_pk: int) -> Accepted:
         """Route a held message again (after its cause was fixed), in one transaction.
 
-        The held row gives way to whatever the pipeline decides now; if that fails, the
+        The held row gives way to whatever the pipeline decides now, under the same key (so
+        ``m12`` in the queue stays message 12, held again or delivered); if that fails, the
         transaction rolls back and the message stays held — it is never lost on the way.
         """
 
@@ -372,7 +416,8 @@ class Pipeline:
                         )
                     )
                 ] or [self.accounts.name(row.account_id)]
-                msg = parse(row.raw)
+                # The envelope sender it came with still decides "automatic" (a bounce).
+                msg = parse(row.raw, row.envelope_from)
                 for table, column in (
                     (MESSAGE_REFS, "message_pk"),
                     (MESSAGE_RECIPIENTS, "message_pk"),
@@ -380,28 +425,40 @@ class Pipeline:
                 ):
                     session.execute(delete(table).where(table.c[column] == message_pk))
                 session.expunge(row)
-                return msg, self._accept_in(session, msg, receiving, row.source or "release", None)
+                source = row.source or "release"
+                return msg, self._accept_in(session, msg, receiving, source, None, message_pk)
 
         msg, result = self._with_retry(once)
-        self._log(msg, result)  # after the commit, like accept()
+        # After the commit, like accept(); a release is a decision, not a new arrival.
+        self._log(msg, result, "release", arrived=False)
         return result
 
-    def _log(self, msg: ParsedMessage, r: Accepted) -> None:
+    def _log(self, msg: ParsedMessage, r: Accepted, source: str, *, arrived: bool = True) -> None:
+        """The one line per ingest and decision (``event=decision``), and its counters."""
         d = r.decision
-        rcpt = self.settings.account(d.receiving).address
+        if arrived:
+            self.rt.metrics.received(d.receiving, source, d.action)
+        self.rt.metrics.decided(d.rule, d.action)
+        account = self.settings.account(d.receiving).address
         owner = self.settings.account(d.owner).address if d.owner else None
+        held = d.action == Action.HOLD
         event(
             routing_log,
             "decision",
-            logging.WARNING if d.action == "hold" else logging.INFO,
+            logging.WARNING if held else logging.INFO,
             interaction=r.interaction_id,
             msgid=format_id(msg.message_id),
-            rcpt=rcpt,
+            account=account,
             owner=owner,
             rule=d.rule,
             action=d.action,
+            step=d.step,
+            status="held" if held else None,
             matched=format_id(d.matched_id) if d.matched_id else None,
             reason=d.reason,
             auto=msg.automatic,
             message=r.message_pk,
+            queue=f"m{r.message_pk}" if held and r.message_pk is not None else None,
+            source=source,
+            size=len(msg.raw),
         )

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from mailrouter.runtime import Runtime
 from mailrouter.store.models import Interaction, Message, Transfer
 
-__all__ = ["report"]
+__all__ = ["report", "report_document"]
 
 FIELDS = ("interactions", "inbound", "outbound", "transfers_in", "transfers_out")
 
@@ -69,3 +69,13 @@ def report(s: Session, rt: Runtime, start: datetime, end: datetime) -> list[dict
         .group_by(Transfer.from_account_id),
     )
     return list(rows.values())
+
+
+def report_document(s: Session, rt: Runtime, start: datetime, end: datetime) -> dict[str, Any]:
+    """``report --json`` (and the API's report): the period, how it counts, the rows."""
+    return {
+        "from": start.isoformat(),
+        "to": end.isoformat(),
+        "attributed_to": "current account",
+        "accounts": report(s, rt, start, end),
+    }

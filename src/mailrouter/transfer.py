@@ -17,6 +17,7 @@ template's error, on the transfer (``show``) and on a failed outbox row (``queue
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session
 from mailrouter.config import AccountSettings
 from mailrouter.deliver.outbox import queue_outbound
 from mailrouter.errors import Refused
+from mailrouter.interactions import visible
 from mailrouter.log import event
 from mailrouter.notify import (
     Composed,
@@ -64,6 +66,8 @@ _ATTEMPTS = 3
 class TransferRefused(Refused):
     """The transfer is not allowed; nothing was changed."""
 
+    source: str | None = None  # the account it would have left, once known
+
 
 @dataclass(frozen=True)
 class TransferResult:
@@ -99,21 +103,36 @@ def _account(rt: Runtime, name: str) -> AccountSettings:
         raise TransferRefused("unknown-account", str(exc.args[0])) from None
 
 
+def _from(source: AccountSettings, code: str, message: str) -> TransferRefused:
+    refused = TransferRefused(code, message)
+    refused.source = source.name
+    return refused
+
+
 def _check(
-    rt: Runtime, interaction: Interaction | None, interaction_id: int, target: AccountSettings
+    rt: Runtime,
+    found: Interaction | None,
+    interaction_id: int,
+    target: AccountSettings,
+    within: Collection[str] | None,
 ) -> tuple[Interaction, AccountSettings]:
     """The refusals, in order; returns the interaction and the account it leaves."""
-    if interaction is None:
-        raise TransferRefused("not-found", f"no interaction {interaction_id}")
+    try:
+        interaction = visible(found, interaction_id, within)
+    except Refused as exc:
+        raise TransferRefused(exc.code, exc.message) from None
     source = rt.account_of(interaction.account_id)
     if interaction.status == "closed":
-        raise TransferRefused("closed", f"interaction {interaction_id} is closed")
+        raise _from(source, "closed", f"interaction {interaction_id} is closed")
     if source.name == target.name:
-        raise TransferRefused(
-            "same-account", f"interaction {interaction_id} already belongs to {target.name}"
+        raise _from(
+            source,
+            "same-account",
+            f"interaction {interaction_id} already belongs to {target.name}",
         )
     if not source.transfer.enabled:
-        raise TransferRefused(
+        raise _from(
+            source,
             "transfer-not-enabled",
             f"transfer out of account {source.name} is not enabled "
             f"(set accounts.{source.name}.transfer.enabled = true)",
@@ -142,10 +161,18 @@ def _over_cap(rt: Runtime, s: Session, address: str, now: datetime) -> str | Non
     return None
 
 
-def _prepare(rt: Runtime, interaction_id: int, target: AccountSettings, actor: str | None) -> _Plan:
+def _prepare(
+    rt: Runtime,
+    interaction_id: int,
+    target: AccountSettings,
+    actor: str | None,
+    within: Collection[str] | None,
+) -> _Plan:
     """Read the interaction, decide about the notice and compose it, outside any write."""
     with rt.db.read() as s:
-        interaction, source = _check(rt, s.get(Interaction, interaction_id), interaction_id, target)
+        interaction, source = _check(
+            rt, s.get(Interaction, interaction_id), interaction_id, target, within
+        )
         latest = latest_inbound_message(s, interaction.id)
         snapshot, now = _snapshot(interaction, latest), utcnow()
         # The notice follows the settings of the account the interaction leaves (the most
@@ -199,12 +226,17 @@ def _prepare(rt: Runtime, interaction_id: int, target: AccountSettings, actor: s
 
 
 def _apply(
-    rt: Runtime, interaction_id: int, target: AccountSettings, actor: str | None, plan: _Plan
+    rt: Runtime,
+    interaction_id: int,
+    target: AccountSettings,
+    actor: str | None,
+    within: Collection[str] | None,
+    plan: _Plan,
 ) -> TransferResult | None:
     """The transfer itself, in one write transaction; None if the interaction changed."""
     with rt.db.write() as s:
         interaction, source = _check(
-            rt, lock_interaction(s, interaction_id), interaction_id, target
+            rt, lock_interaction(s, interaction_id), interaction_id, target, within
         )
         if _snapshot(interaction, latest_inbound_message(s, interaction.id)) != plan.snapshot:
             return None  # nothing written yet: the caller prepares again
@@ -277,13 +309,42 @@ def _apply(
 
 
 def transfer(
-    rt: Runtime, interaction_id: int, to: str, *, actor: str | None = None
+    rt: Runtime,
+    interaction_id: int,
+    to: str,
+    *,
+    actor: str | None = None,
+    within: Collection[str] | None = None,
 ) -> TransferResult:
-    """Move interaction ``interaction_id`` to account ``to`` (name or address)."""
+    """Move interaction ``interaction_id`` to account ``to`` (name or address).
+
+    ``within``: the accounts the caller acts for (see :mod:`mailrouter.interactions`); the
+    target may be any configured account.
+    """
+    try:
+        result = _transfer(rt, interaction_id, to, actor, within)
+    except TransferRefused as exc:
+        # Labels stay bounded: an unknown target is counted as "", never as what was typed.
+        target = "" if exc.code == "unknown-account" else rt.settings.account(to).name
+        rt.metrics.transferred(exc.source or "", target, exc.code)
+        raise
+    rt.metrics.transferred(result.from_account, result.to_account, "ok")
+    if result.notification in ("queued", "suppressed", "failed"):
+        rt.metrics.notice(result.notification)
+    return result
+
+
+def _transfer(
+    rt: Runtime,
+    interaction_id: int,
+    to: str,
+    actor: str | None,
+    within: Collection[str] | None,
+) -> TransferResult:
     target = _account(rt, to)
     for _ in range(_ATTEMPTS):
-        plan = _prepare(rt, interaction_id, target, actor)
-        result = _apply(rt, interaction_id, target, actor, plan)
+        plan = _prepare(rt, interaction_id, target, actor, within)
+        result = _apply(rt, interaction_id, target, actor, within, plan)
         if result is not None:
             break
     else:
@@ -292,16 +353,18 @@ def transfer(
             f"interaction {interaction_id} kept changing while its notice was being "
             "prepared; try again",
         )
+    # account: the account the interaction leaves; owner: the one it now belongs to.
     event(
         log,
         "transfer",
         logging.WARNING if result.notification == "failed" else logging.INFO,
         interaction=result.interaction_id,
-        src=rt.settings.account(result.from_account).address,
-        dst=target.address,
+        account=rt.settings.account(result.from_account).address,
+        owner=target.address,
         by=actor,
         notice=result.notification,
         reason=result.reason,
         notice_msgid=format_id(result.notice_message_id) if result.notice_message_id else None,
+        queue=f"o{result.outbox_id}" if result.outbox_id is not None else None,
     )
     return result

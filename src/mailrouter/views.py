@@ -1,4 +1,5 @@
-"""Read-side queries and their stable JSON shapes: ``interactions``, ``show``, ``queue``, ``held``.
+"""Read-side queries and their stable JSON shapes: ``interactions``, ``show``, ``queue``, ``held``
+(the unified queue view and its operations are in :mod:`mailrouter.deliver.queue`).
 
 Field names here are a public interface (scripts parse ``--json``): add fields, never
 rename or remove them.
@@ -9,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mailrouter.parse import format_id
@@ -21,6 +22,7 @@ __all__ = [
     "interaction_detail",
     "interaction_dict",
     "list_interactions",
+    "open_interaction_counts",
     "outbox_dict",
     "queue_rows",
 ]
@@ -74,7 +76,16 @@ def message_dict(m: Message) -> dict[str, Any]:
 
 def transfer_dict(t: Transfer, outbox: Outbox | None) -> dict[str, Any]:
     notification = t.notification
-    if notification == "queued" and outbox is not None and outbox.status in ("sent", "failed"):
+    if (
+        notification == "queued"
+        and outbox is not None
+        and outbox.status
+        in (
+            "sent",
+            "failed",
+            "bounced",
+        )
+    ):
         notification = outbox.status
     return {
         "id": t.id,
@@ -154,6 +165,25 @@ def queue_rows(s: Session, *, all_rows: bool = False, limit: int = 200) -> list[
     if not all_rows:
         q = q.where(Outbox.status.in_(("pending", "sending", "failed")))
     return [outbox_dict(o) for o in s.scalars(q).unique()]
+
+
+def open_interaction_counts(s: Session) -> dict[tuple[int, str], int]:
+    """Open interactions per (account id, ``open``) and unread ones per (id, ``unread``).
+
+    Closed interactions are history (``report`` counts those): leaving them out keeps
+    this one index range over ``ix_interactions_status``, however old the store.
+    """
+    out: dict[tuple[int, str], int] = {}
+    rows = s.execute(
+        select(Interaction.account_id, Interaction.unread, func.count())
+        .where(Interaction.status == "open")
+        .group_by(Interaction.account_id, Interaction.unread)
+    )
+    for account_id, unread, count in rows:
+        out[(account_id, "open")] = out.get((account_id, "open"), 0) + int(count)
+        if unread:
+            out[(account_id, "unread")] = int(count)
+    return out
 
 
 def held_messages(s: Session, limit: int = 200) -> list[dict[str, Any]]:

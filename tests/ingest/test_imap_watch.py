@@ -609,3 +609,51 @@ async def test_stop_while_connecting_to_a_silent_server_is_prompt(tmp_path: Path
         t0 = loop.time()
     assert loop.time() - t0 < 1.0
     assert w.state == "stopped" and w.sessions == 0
+
+
+# --------------------------------------------------------------------------- the lease
+
+
+@pytest.mark.dovecot
+async def test_one_instance_watches_a_mailbox_and_another_takes_over_when_it_dies(
+    dovecot_clean: Dovecot, tmp_path: Path
+) -> None:
+    """Two instances' watchers on one store: one watches, the other stands by; when the
+    holder stops renewing (killed), the other takes over within the lease time and
+    catches up from the stored UID: nothing lost, nothing read twice."""
+    base = make_settings(
+        tmp_path, dovecot_clean.host, dovecot_clean.imap_port, dovecot_clean.password
+    )
+    settings = base.with_(
+        outbox=replace(base.outbox, heartbeat=0.2, dead_after=1.0),
+        accounts=tuple(a for a in base.accounts if a.name == "sales"),
+    )
+    p = await asyncio.to_thread(open_pipeline, settings)
+    sales = settings.account("sales")
+    first = ImapWatcher(p, sales, holder=lambda: "instance-a")
+    second = ImapWatcher(p, sales, holder=lambda: "instance-b")
+    stop_first, stop_second = asyncio.Event(), asyncio.Event()
+    a = asyncio.create_task(first.run(stop_first))
+    b: asyncio.Task[None] | None = None
+    try:
+        await eventually(lambda: first.state == "idle", what="the first instance watching")
+        b = asyncio.create_task(second.run(stop_second))
+        await eventually(lambda: second.state == "standby", what="the second standing by")
+        await lmtp(dovecot_clean, SALES, QUESTION)
+        await eventually(
+            lambda: rows(p, "chairs-1@customer.test") == 1, what="ingested by the first"
+        )
+        assert second.state == "standby"
+        a.cancel()  # killed: no LOGOUT, no lease release
+        await asyncio.gather(a, return_exceptions=True)
+        await lmtp(dovecot_clean, SALES, REPLY)
+        await eventually(
+            lambda: rows(p, "chairs-2@customer.test") == 1, within=10, what="the second took over"
+        )
+        assert second.state in ("idle", "catching-up")
+        assert rows(p, "chairs-1@customer.test") == 1  # caught up from the stored UID
+    finally:
+        stop_first.set()
+        stop_second.set()
+        await asyncio.gather(a, *([b] if b is not None else []), return_exceptions=True)
+        await p.rt.aclose()

@@ -430,3 +430,21 @@ async def test_shutdown_hangs_up_on_a_session_idle_past_the_timeout(tmp_path: Pa
     with contextlib.suppress(ConnectionError):
         await writer.wait_closed()
     assert _stored(d.settings) == 0
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"no header fields, just text\r\n"], ids=["empty", "headerless"]
+)
+async def test_the_same_unroutable_message_twice_is_held_once_and_acknowledged_twice(
+    daemon: Daemon, raw: bytes
+) -> None:
+    """An MTA retrying a held message gets 250, not a 451 from a unique-key clash."""
+    port = daemon.settings.smtp.port
+    for _ in range(2):
+        refused = await asyncio.to_thread(_send, port, ["sales@example.test"], raw)
+        assert refused == {}
+    assert _stored(daemon.settings) == 1
+    # ... and once more for a second account: recorded beside the held copy.
+    refused = await asyncio.to_thread(_send, port, ["support@example.test"], raw)
+    assert refused == {}
+    assert _stored(daemon.settings) == 1

@@ -61,11 +61,11 @@ def test_malformed_message_is_held_with_the_parsers_reason() -> None:
     )
 
 
-def test_malformed_message_costs_no_store_look_up() -> None:
-    """Holding a malformed message asks the store nothing."""
+def test_malformed_message_costs_one_store_look_up() -> None:
+    """Holding a malformed message asks the store only whether it is held already."""
     view = FakeView()
     assert decide(parse(b""), ["sales"], view).action == Action.HOLD
-    assert view.calls == Counter()
+    assert view.calls == Counter({"existing": 1})
 
 
 def test_well_formed_message_is_not_malformed() -> None:
@@ -183,14 +183,33 @@ def test_follow_the_owner_leaves_mail_the_owner_receives() -> None:
 # --------------------------------------------------------------------------- the chain
 
 
-def test_malformed_is_checked_before_duplicate() -> None:
-    """The same unroutable bytes again are held again, not taken for a stored duplicate."""
+def test_the_same_unroutable_bytes_again_are_a_duplicate_of_the_held_copy() -> None:
+    """A sender retrying a held message gets 250 (duplicate), not a second hold."""
     empty = parse(b"")
     view = FakeView()
     view.copies[empty.message_id, empty.content_hash] = (3, {"sales"})
-    assert Duplicate().check(Facts(empty, ["sales"], view)) is not None
     d = decide(empty, ["sales"], view)
-    assert (d.action, d.rule, d.step) == (Action.HOLD, "malformed", "malformed")
+    assert (d.action, d.rule, d.step, d.existing_pk) == (
+        Action.DUPLICATE,
+        "duplicate",
+        "duplicate",
+        3,
+    )
+
+
+def test_a_held_message_for_another_account_records_the_recipient() -> None:
+    """The same unroutable bytes for a second account attach to the held copy."""
+    empty = parse(b"")
+    view = FakeView()
+    view.copies[empty.message_id, empty.content_hash] = (3, {"sales"})
+    d = decide(empty, ["support"], view)
+    assert (d.action, d.rule, d.step, d.existing_pk, d.interaction_id) == (
+        Action.ATTACH,
+        "malformed",
+        "copy-for-another-account",
+        3,
+        None,
+    )
 
 
 def test_duplicate_is_checked_before_attach() -> None:

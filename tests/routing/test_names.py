@@ -42,6 +42,7 @@ def every_kind_of_decision() -> list[Decision]:
         decide(mail("late@c", in_reply_to="lost@c"), ["sales"], shares),
         decide(mail("early@c"), ["sales"], cited),
         decide(mail("first@c"), ["sales"], FakeView()),
+        decide(parse(BOUNCE_OF_ASK), ["sales"], conversation("sales")),
         decide(
             parse(
                 b"From: Customer <customer@example.net>\r\nTo: sales@example.test\r\n"
@@ -52,6 +53,17 @@ def every_kind_of_decision() -> list[Decision]:
             subject_token="[#{id}]",
         ),
     ]
+
+
+# A delivery status notification returning the headers of the stored <ask@c>.
+BOUNCE_OF_ASK = (
+    b"From: MAILER-DAEMON@mx.test\r\nTo: sales@example.test\r\nMessage-ID: <dsn@mx.test>\r\n"
+    b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+    b"--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.test\r\n"
+    b"\r\nFinal-Recipient: rfc822; customer@example.net\r\nAction: failed\r\n"
+    b"Status: 5.1.1\r\n\r\n--b\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+    b"Message-ID: <ask@c>\r\n\r\n--b--\r\n"
+)
 
 
 def test_every_rule_name_in_a_decision_has_a_description(

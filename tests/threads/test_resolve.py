@@ -70,9 +70,10 @@ def interaction_count(p: Pipeline) -> int:
 
 
 def test_rules_run_in_the_documented_order() -> None:
-    """The chain reads top to bottom: own id, In-Reply-To, References, the subject token,
-    then missing-id links."""
+    """The chain reads top to bottom: a bounce of ours, own id, In-Reply-To, References, the
+    subject token, then missing-id links."""
     assert [r.name for r in RULES] == [
+        "bounce-of",
         "known-message",
         "in-reply-to",
         "references",

@@ -121,5 +121,11 @@ def flush(rt: Runtime, args: argparse.Namespace) -> int:
         return 0
     from mailrouter.deliver.outbox import OutboxWorker
 
-    done: int = asyncio.run(OutboxWorker(rt).run_once())
-    return done
+    async def once() -> int:
+        worker = OutboxWorker(rt)
+        try:
+            return await worker.run_once()
+        finally:
+            await worker.retire()
+
+    return asyncio.run(once())

@@ -1,4 +1,4 @@
-"""Admin commands: ``run`` the daemon, ``check-config``, ``db`` schema, and the ``queue``."""
+"""Admin commands: ``run`` the daemon, ``check-config`` and the ``db`` schema."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from mailrouter.cli._common import (
     EXIT_USAGE,
     Subparsers,
     add_command,
-    flush,
     json_flag,
     print_json,
-    table,
 )
 from mailrouter.config import Settings, describe
 
@@ -71,41 +69,6 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
-    from mailrouter.deliver.queue import requeue
-    from mailrouter.runtime import opened
-    from mailrouter.views import queue_rows
-
-    with opened(settings) as rt:
-        if args.queue_command == "flush":
-            print(f"attempted {flush(rt, args)} item(s)")
-            return EXIT_OK
-        if args.queue_command == "retry":
-            requeue(rt, args.id)
-            print(f"item {args.id} requeued; attempted {flush(rt, args)} item(s)")
-            return EXIT_OK
-        with rt.db.read() as s:
-            rows = queue_rows(s, all_rows=args.all)
-    if args.json:
-        print_json(rows)
-    else:
-        table(
-            rows,
-            [
-                "id",
-                "kind",
-                "account",
-                "interaction",
-                "status",
-                "attempts",
-                "to",
-                "next_attempt_at",
-                "last_error",
-            ],
-        )
-    return EXIT_OK
-
-
 def register(sub: Subparsers) -> None:
     add_command(sub, "run", cmd_run, "run the daemon in the foreground")
     json_flag(
@@ -118,13 +81,3 @@ def register(sub: Subparsers) -> None:
     )
     db = add_command(sub, "db", cmd_db, "database schema")
     db.add_argument("db_command", choices=("upgrade", "current"))
-
-    sp = add_command(
-        sub, "queue", cmd_queue, "outbox: list pending/failed items, flush, retry a failed one"
-    )
-    qs = sp.add_subparsers(dest="queue_command", metavar="ACTION")
-    qs.add_parser("flush", help="attempt everything due now")
-    rt = qs.add_parser("retry", help="requeue a failed item")
-    rt.add_argument("id", type=int)
-    sp.add_argument("--all", action="store_true", help="include sent items")
-    json_flag(sp)

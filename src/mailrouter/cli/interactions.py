@@ -126,7 +126,11 @@ def cmd_pick(settings: Settings, args: argparse.Namespace) -> int:
     from mailrouter.runtime import opened
 
     with opened(settings) as rt:
-        pick(rt, args.id, args.agent, force=args.force)
+        try:
+            pick(rt, args.id, args.agent, force=args.force)
+        except Refused as exc:
+            hint = " (use --force to take it over)" if exc.code == "already-picked" else ""
+            raise CommandError(f"{exc}{hint}") from None
     print(f"interaction {args.id} picked by {args.agent}")
     return EXIT_OK
 
@@ -164,20 +168,14 @@ def cmd_reply(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
-    from mailrouter.report import report
+    from mailrouter.report import report_document
 
     if args.to <= args.from_:
         raise CommandError("--to must be after --from")
-    rows = read(settings, lambda s, rt: report(s, rt, args.from_, args.to))
+    doc = read(settings, lambda s, rt: report_document(s, rt, args.from_, args.to))
+    rows = doc["accounts"]
     if args.json:
-        print_json(
-            {
-                "from": args.from_.isoformat(),
-                "to": args.to.isoformat(),
-                "attributed_to": "current account",
-                "accounts": rows,
-            }
-        )
+        print_json(doc)
     else:
         print(
             f"{args.from_.isoformat()} .. {args.to.isoformat()} (interactions and messages "

@@ -10,6 +10,7 @@ being configuration, resolves next to the config file.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -21,6 +22,7 @@ from typing import Any
 from mailrouter.config.settings import (
     AccountSettings,
     DeliverySettings,
+    HttpSettings,
     ImapWatchSettings,
     ListenerSettings,
     NotifySettings,
@@ -335,11 +337,14 @@ def load_from_text(
     notify = _notify(top.sub("notify", NotifySettings))
     smtp = _listener(top, "smtp", env, config_dir)
     lmtp = _listener(top, "lmtp", env, config_dir)
+    http = _http(top.sub("http", HttpSettings), config_dir)
 
     log = top.sub("log")
     log_format = log.choice("format")
     log_level = log.choice("level")
-    shutdown_timeout = top.sub("daemon").positive("shutdown_timeout", float)
+    daemon = top.sub("daemon")
+    shutdown_timeout = daemon.positive("shutdown_timeout", float)
+    instance_name = daemon.get("instance_name", str)
     hostname = top.get("hostname", str)
 
     return Settings(
@@ -355,10 +360,12 @@ def load_from_text(
         notify=notify,
         smtp=smtp,
         lmtp=lmtp,
+        http=http,
         log_format=log_format,
         log_level=log_level,
         hostname=hostname,
         shutdown_timeout=shutdown_timeout,
+        instance_name=instance_name,
     )
 
 
@@ -494,14 +501,21 @@ def _outbound(d: _Table, env: Mapping[str, str], state_path: Any) -> OutboundSet
 
 
 def _outbox(d: _Table) -> OutboxSettings:
-    return OutboxSettings(
+    out = OutboxSettings(
         initial_backoff=d.positive("initial_backoff", float),
         max_backoff=d.positive("max_backoff", float),
         lifetime=d.positive("lifetime", float),
         batch=d.positive("batch", int),
         lease=d.positive("lease", float),
         poll_interval=d.positive("poll_interval", float),
+        heartbeat=d.positive("heartbeat", float),
+        dead_after=d.positive("dead_after", float),
     )
+    if out.dead_after < 2 * out.heartbeat:
+        # One late beat must not make a live instance look dead (its claims would be
+        # taken and delivered twice).
+        raise d.fail("dead_after", "must be at least twice outbox.heartbeat")
+    return out
 
 
 def _listener(top: _Table, name: str, env: Mapping[str, str], config_dir: Path) -> ListenerSettings:
@@ -548,6 +562,62 @@ def _listener(top: _Table, name: str, env: Mapping[str, str], config_dir: Path) 
         tls_key=keyf,
         require_auth=require_auth,
         auth_users=users,
+    )
+
+
+def _http(d: _Table, config_dir: Path) -> HttpSettings:
+    host = d.get("host", str)
+
+    def tls_file(name: str) -> Path | None:
+        v = d.get(name, str)
+        if v is None:
+            return None
+        p = Path(v).expanduser()
+        p = p if p.is_absolute() else config_dir / p
+        if not p.is_file():
+            raise d.fail(name, f"{p} does not exist")
+        return p
+
+    cert, key = tls_file("tls_cert"), tls_file("tls_key")
+    if (cert is None) != (key is None):
+        raise d.fail("tls_cert" if cert is None else "tls_key", "tls_cert and tls_key go together")
+    behind_proxy = d.get("behind_proxy", bool)
+    raw = d.get("trusted_proxies", list)
+    proxies: list[str] = []
+    for item in raw:
+        try:
+            if not isinstance(item, str):
+                raise ValueError(item)
+            # uvicorn compares networks strictly and would take "10.0.0.1/8" for a name:
+            # hand it the normalised form.
+            net = ipaddress.ip_network(item.strip(), strict=False)
+        except ValueError:
+            raise d.fail("trusted_proxies", f"not an IP address or network: {item!r}") from None
+        proxies.append(str(net.network_address) if net.num_addresses == 1 else str(net))
+    if proxies and not behind_proxy:
+        raise d.fail("trusted_proxies", "only used with behind_proxy = true")
+    if behind_proxy and not proxies:
+        raise d.fail(
+            "behind_proxy",
+            "behind_proxy = true needs trusted_proxies (the proxy's address): "
+            "X-Forwarded-* is believed from those only",
+        )
+    enabled = d.get("enabled", bool)
+    if enabled and not is_loopback(host) and cert is None and not behind_proxy:
+        # Bearer tokens and desk passwords would cross the network in clear text.
+        raise d.fail(
+            "host",
+            f"listening on {host} (not loopback) needs tls_cert and tls_key, "
+            "or behind_proxy = true with trusted_proxies",
+        )
+    return HttpSettings(
+        enabled=enabled,
+        host=host,
+        port=d.port("port"),
+        tls_cert=cert,
+        tls_key=key,
+        behind_proxy=behind_proxy,
+        trusted_proxies=tuple(proxies),
     )
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_STATE_DIR",
     "AccountSettings",
     "DeliverySettings",
+    "HttpSettings",
     "ImapWatchSettings",
     "ListenerSettings",
     "NotifySettings",
@@ -141,6 +142,29 @@ class ListenerSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP server in the daemon's loop: the JSON API (``/api/v1``) and ``/healthz``.
+
+    Off unless a file turns it on.  Agents' tokens and passwords travel in its requests, so
+    a bind that is not loopback needs TLS here (``tls_cert`` + ``tls_key``) or a reverse
+    proxy that terminates it (``behind_proxy``); only then, and only from
+    ``trusted_proxies``, are ``X-Forwarded-For`` and ``X-Forwarded-Proto`` believed.
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8025
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    behind_proxy: bool = False
+    trusted_proxies: tuple[str, ...] = ()  # addresses or networks (CIDR) of the proxies
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None and self.tls_key is not None
+
+
+@dataclass(frozen=True)
 class OutboundSettings:
     """How mailrouter's own mail (notices, agent replies) leaves: a pickup dir or SMTP."""
 
@@ -169,6 +193,10 @@ class OutboxSettings:
     batch: int = 50
     lease: float = 300.0  # a claimed row not finished within this is claimable again
     poll_interval: float = 5.0
+    # A running instance beats this often; one silent for dead_after seconds is taken for
+    # dead and its claims come back (a restart takes its own back at once).
+    heartbeat: float = 2.0
+    dead_after: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -225,12 +253,15 @@ class Settings:
     lmtp: ListenerSettings = field(
         default=ListenerSettings(), metadata=_in_file(default=ListenerSettings(port=2424))
     )
+    http: HttpSettings = HttpSettings()
     log_format: Literal["kv", "json"] = field(default="kv", metadata=_in_file("log.format"))
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = field(
         default="INFO", metadata=_in_file("log.level")
     )
     hostname: str = "mailrouter.invalid"
     shutdown_timeout: float = field(default=30.0, metadata=_in_file("daemon.shutdown_timeout"))
+    # Names this daemon's claims across restarts; default "<host>:<state dir>".
+    instance_name: str | None = field(default=None, metadata=_in_file("daemon.instance_name"))
 
     def account(self, name_or_address: str) -> AccountSettings:
         """The account named ``name_or_address`` (its name or its address), or KeyError."""

@@ -35,8 +35,9 @@ _PERMANENT_CODES = {"TOOBIG", "LIMIT", "PARSE"}
 
 async def deliver_imap(
     settings: DeliverySettings, raw: bytes, *, message_id: str, flags: str = ""
-) -> None:
-    """APPEND ``raw`` to ``settings.mailbox`` unless a message with ``message_id`` is there.
+) -> str:
+    """APPEND ``raw`` to ``settings.mailbox`` unless a message with ``message_id`` is there;
+    returns the server's reply (or why nothing was appended).
 
     Idempotent so that a crash between APPEND and the outbox bookkeeping never stores a
     second copy: the mailbox is searched for the Message-ID first and the hits are compared
@@ -78,7 +79,7 @@ async def deliver_imap(
     try:
         session = await imapclient.connect(settings)
         try:
-            await _append(session, settings, message, message_id, key, flags)
+            return await _append(session, settings, message, message_id, key, flags)
         finally:
             await session.close()
     except ImapError as exc:
@@ -93,7 +94,7 @@ async def _append(
     message_id: str,
     key: str,
     flags: str,
-) -> None:
+) -> str:
     client = session.client
     name = settings.mailbox
     mailbox = imapclient.mailbox_arg(name)
@@ -101,7 +102,7 @@ async def _append(
     if response.result == "OK":
         if key and await _already_there(session, key):
             event(log, "imap-duplicate-skipped", mailbox=name, msgid=message_id)
-            return
+            return f"already in {name} (a copy with this Message-ID): not appended again"
     else:
         # Dovecot answers a plain NO for a missing mailbox (no [NONEXISTENT]), so try
         # to create it; a new mailbox cannot hold a copy, so no search is needed.
@@ -115,13 +116,9 @@ async def _append(
         append = client.append(message, mailbox=mailbox, flags=flags or None)
         response = await session.run(append, "APPEND")
     _classify_append(response, f"{settings.host}:{settings.port}", name)
-    event(
-        log,
-        "imap-appended",
-        mailbox=name,
-        msgid=message_id,
-        reply=imapclient.response_text(response),
-    )
+    text = imapclient.response_text(response)
+    event(log, "imap-appended", mailbox=name, msgid=message_id, reply=text)
+    return f"OK {text}"
 
 
 async def _create(session: ImapSession, name: str, why: str) -> None:

@@ -243,8 +243,9 @@ def _describe(exc: BaseException) -> str:
 
 async def deliver_lmtp(
     settings: DeliverySettings, raw: bytes, *, recipient: str, mail_from: str = ""
-) -> None:
-    """Deliver ``raw`` into the mailbox of one account over LMTP, or raise a DeliveryError.
+) -> str:
+    """Deliver ``raw`` into the mailbox of one account over LMTP, or raise a DeliveryError;
+    returns the server's reply (``250 2.0.0 <…> Saved``).
 
     The LMTP recipient is ``settings.user`` (the config defaults it to the account's
     address) and else ``recipient``.  ``mail_from`` becomes Dovecot's ``Return-Path``; the
@@ -264,7 +265,7 @@ async def deliver_lmtp(
     code, text = results[rcpt]
     if 200 <= code < 300:
         event(log, "lmtp-delivered", logging.DEBUG, rcpt=rcpt, reply=f"{code} {text}")
-        return
+        return f"{code} {text}"
     msg = f"LMTP {settings.host}:{settings.port} <{rcpt}>: {code} {text}"
     if 500 <= code < 600:
         raise PermanentDeliveryError(msg)

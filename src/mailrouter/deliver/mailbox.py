@@ -1,15 +1,55 @@
 """Put a message into an account's mailbox with the backend the account is configured for,
-and send mailrouter's own mail out; adds the trace headers a routed copy carries."""
+and send mailrouter's own mail out; adds the trace headers a routed copy carries.
+
+Each delivery returns what the other side said (:class:`Delivered`), so the outbox can
+record every attempt with its reply, and names its relay the way the log does
+(``maildir``, ``pickup``, ``smtp:HOST:PORT``, ``lmtp:HOST:PORT``, ``imap:HOST:PORT``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from mailrouter.config import AccountSettings, OutboundSettings
 from mailrouter.deliver.errors import PermanentDeliveryError, TemporaryDeliveryError
 from mailrouter.deliver.maildir import maildir_deliver, pickup_write
 
-__all__ = ["deliver_to_account", "send_outbound", "with_trace_headers"]
+__all__ = [
+    "Delivered",
+    "deliver_to_account",
+    "relay_of_account",
+    "relay_of_outbound",
+    "send_outbound",
+    "with_trace_headers",
+]
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A successful delivery: where to (``relay``) and what the server answered."""
+
+    relay: str
+    reply: str
+
+    @property
+    def backend(self) -> str:
+        return self.relay.split(":", 1)[0]
+
+
+def relay_of_account(account: AccountSettings) -> str:
+    """Where deliveries into ``account``'s mailbox go, as the log and ``trace`` name it."""
+    d = account.delivery
+    if d.type == "maildir":
+        return "maildir"
+    return f"{d.type}:{d.host}:{d.port}"
+
+
+def relay_of_outbound(outbound: OutboundSettings) -> str:
+    """Where notices and replies go: ``pickup`` or ``smtp:HOST:PORT``."""
+    if outbound.type == "pickup":
+        return "pickup"
+    return f"smtp:{outbound.host}:{outbound.port}"
 
 
 # Our trace headers claim facts about routing ("this came to sales@ and was routed here"),
@@ -66,34 +106,36 @@ def with_trace_headers(raw: bytes, interaction_id: int | None, routed_from: str 
 
 
 async def deliver_to_account(
-    account: AccountSettings, raw: bytes, *, message_id: str, key: str
-) -> None:
-    """Deliver into ``account``'s mailbox; raises a DeliveryError on failure."""
+    account: AccountSettings, raw: bytes, *, message_id: str, key: str, retry: bool = True
+) -> Delivered:
+    """Deliver into ``account``'s mailbox; raises a DeliveryError on failure.
+
+    ``retry``: an earlier attempt of this job may have delivered it (see maildir_deliver).
+    """
     d = account.delivery
+    relay = relay_of_account(account)
     if d.type == "maildir":
         assert d.path is not None
         try:
-            await asyncio.to_thread(maildir_deliver, d.path, raw, key)
+            final = await asyncio.to_thread(maildir_deliver, d.path, raw, key, retry=retry)
         except OSError as exc:
             # A full disk or a permission problem is an operator's fix away: retry.
             raise TemporaryDeliveryError(f"maildir {d.path}: {exc}") from exc
-        return
+        return Delivered(relay, f"stored as {final}")
     if d.type == "imap":
         from mailrouter.deliver.imap_append import deliver_imap
 
-        await deliver_imap(d, raw, message_id=message_id)
-        return
+        return Delivered(relay, await deliver_imap(d, raw, message_id=message_id))
     if d.type == "lmtp":
         from mailrouter.deliver.lmtp import deliver_lmtp
 
-        await deliver_lmtp(d, raw, recipient=d.user or account.address)
-        return
+        return Delivered(relay, await deliver_lmtp(d, raw, recipient=d.user or account.address))
     raise PermanentDeliveryError(f"unknown delivery type {d.type!r}")
 
 
 async def send_outbound(
     outbound: OutboundSettings, raw: bytes, *, envelope_from: str, envelope_to: list[str], key: str
-) -> None:
+) -> Delivered:
     """Send mailrouter's own mail (notices, replies) the configured way."""
     if not raw.strip():
         # A notice whose template failed is recorded as a failed outbox row with nothing
@@ -102,13 +144,15 @@ async def send_outbound(
             "nothing to send: this message was never composed (see the transfer's "
             "notification reason; a fixed template is not re-rendered)"
         )
+    relay = relay_of_outbound(outbound)
     if outbound.type == "pickup":
         assert outbound.path is not None
         try:
-            await asyncio.to_thread(pickup_write, outbound.path, raw, key)
+            final = await asyncio.to_thread(pickup_write, outbound.path, raw, key)
         except OSError as exc:
             raise TemporaryDeliveryError(f"pickup {outbound.path}: {exc}") from exc
-        return
-    from mailrouter.deliver.smtp import send_smtp
+        return Delivered(relay, f"written to {final}")
+    from mailrouter.deliver.smtp import submit_smtp
 
-    await send_smtp(outbound, raw, envelope_from=envelope_from, envelope_to=envelope_to)
+    sent = await submit_smtp(outbound, raw, envelope_from=envelope_from, envelope_to=envelope_to)
+    return Delivered(relay, sent.reply)

@@ -32,7 +32,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(tmp: Path, final: Path, data: bytes) -> None:
-    with open(tmp, "xb") as f:
+    # 0600 whatever the umask: these files are customer mail.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -40,14 +42,21 @@ def _write_atomic(tmp: Path, final: Path, data: bytes) -> None:
     _fsync_dir(final.parent)
 
 
-def maildir_deliver(path: Path, raw: bytes, key: str) -> Path:
-    """Deliver ``raw`` into the Maildir at ``path`` once per ``key``; returns the file."""
+def maildir_deliver(path: Path, raw: bytes, key: str, *, retry: bool = True) -> Path:
+    """Deliver ``raw`` into the Maildir at ``path`` once per ``key``; returns the file.
+
+    ``retry`` says an earlier attempt of this key may have delivered already (it crashed
+    between the rename and the "sent" commit): only then are ``new/`` and ``cur/``
+    searched for the key — a search whose cost grows with the mailbox, so a first
+    attempt, which cannot have a predecessor, never pays it.
+    """
     ensure_maildir(path)
     marker = f".mr{key}."
-    for sub in ("new", "cur"):
-        for name in os.listdir(path / sub):
-            if marker in name:
-                return path / sub / name  # delivered before a crash: do not duplicate
+    if retry:
+        for sub in ("new", "cur"):
+            for name in os.listdir(path / sub):
+                if marker in name:
+                    return path / sub / name  # delivered before a crash: do not duplicate
     now = time.time()
     # Zero-padded microseconds: names then sort in delivery order within a second.
     name = f"{int(now)}.M{int(now * 1e6) % 1_000_000:06d}P{os.getpid()}{marker}{_HOST}"

@@ -7,37 +7,86 @@ become claimable again), delivers outside any transaction, then records the outc
 Every backend is idempotent on the row's key (Maildir name, pickup name, IMAP search by
 Message-ID), so a crash between "delivered" and "marked sent" does not deliver twice.
 Temporary failures back off exponentially with jitter until the row's deadline; permanent
-ones (5xx) are marked failed and stay visible in ``mailrouter queue``.
+ones (5xx) are marked failed and stay visible in ``mailrouter queue``.  Every attempt is
+recorded with the server's reply (``outbox_attempts``, read by ``mailrouter trace``) in the
+same transaction as its outcome, and logged as one ``event=outbox`` line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
+import socket
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from mailrouter.config import Settings
 from mailrouter.deliver.errors import DeliveryError
-from mailrouter.deliver.mailbox import deliver_to_account, send_outbound, with_trace_headers
+from mailrouter.deliver.mailbox import (
+    Delivered,
+    deliver_to_account,
+    relay_of_account,
+    relay_of_outbound,
+    send_outbound,
+    with_trace_headers,
+)
 from mailrouter.log import event
 from mailrouter.notify.compose import Composed
 from mailrouter.parse import format_id, parse
-from mailrouter.retry import backoff, wait_first
+from mailrouter.retry import backoff, wait_first, wait_unless_stopped
 from mailrouter.runtime import Runtime
 from mailrouter.store.inserts import add_message, insert_outbox
-from mailrouter.store.models import Direction, Message, Outbox, OutboxKind, OutboxStatus, utcnow
+from mailrouter.store.instances import claim_is_dead, heartbeat, register, retire
+from mailrouter.store.models import (
+    OUTBOX_ATTEMPTS,
+    AttemptStatus,
+    Direction,
+    Message,
+    Outbox,
+    OutboxKind,
+    OutboxStatus,
+    utcnow,
+)
 
-__all__ = ["Job", "OutboxWorker", "enqueue", "queue_outbound"]
+__all__ = [
+    "Job",
+    "OutboxWorker",
+    "Outcome",
+    "dsn_of",
+    "enqueue",
+    "mark_bounced",
+    "queue_counts",
+    "queue_outbound",
+]
 
 log = logging.getLogger("mailrouter.outbox")
 
 # Deliveries attempted at once: enough to overlap I/O, few enough to be kind to a smarthost.
 CONCURRENCY = 8
+
+_DSN = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+_DEFAULT_DSN = {
+    AttemptStatus.SENT: "2.0.0",
+    AttemptStatus.DEFERRED: "4.0.0",
+    AttemptStatus.BOUNCED: "5.0.0",
+}
+_INSERT_ATTEMPT = insert(OUTBOX_ATTEMPTS)
+
+
+def dsn_of(text: str | None, status: AttemptStatus) -> str:
+    """The enhanced status code (RFC 3463) in a server's reply, or the generic one for
+    ``status`` when the reply has none (a Maildir, a refused connection)."""
+    found = _DSN.search(text or "")
+    if found is not None and found.group(1)[0] == _DEFAULT_DSN[status][0]:
+        return found.group(1)
+    return _DEFAULT_DSN[status]
 
 
 @dataclass(frozen=True)
@@ -53,6 +102,18 @@ class Job:
     attempts: int
     deadline: datetime
     key: str
+    created_at: datetime
+    relay: str  # where the attempt goes: maildir, pickup, smtp:HOST:PORT, …
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended: the job's new status, and the attempt's in the log's words."""
+
+    status: str  # OutboxStatus: sent, pending (to retry), failed
+    attempt: AttemptStatus  # sent, deferred, bounced
+    dsn: str
+    reply: str
 
 
 def enqueue(
@@ -123,11 +184,53 @@ def queue_outbound(
     return message_pk, outbox_pk
 
 
+def queue_counts(session: Session) -> dict[str, int]:
+    """Outbox rows waiting (pending), in hand (sending) and given up on (failed).
+
+    Cheap enough to ask every few seconds: it counts from the (status, next attempt) index.
+    """
+    wanted = [OutboxStatus.PENDING.value, OutboxStatus.SENDING.value, OutboxStatus.FAILED.value]
+    rows = session.execute(
+        select(Outbox.status, func.count()).where(Outbox.status.in_(wanted)).group_by(Outbox.status)
+    )
+    counts = dict.fromkeys(wanted, 0)
+    counts.update({status: n for status, n in rows.tuples()})
+    return counts
+
+
+def mark_bounced(session: Session, message_id: str, why: str) -> int:
+    """Our message ``message_id`` was sent but bounced: its outbox row says so, with the
+    recipients' status.  Returns the rows changed (0 when it is not ours, or not sent)."""
+    ours = select(Message.id).where(
+        Message.message_id == message_id, Message.direction == Direction.OUTBOUND.value
+    )
+    res = session.execute(
+        update(Outbox)
+        .where(Outbox.message_pk.in_(ours), Outbox.status == OutboxStatus.SENT.value)
+        .values(status=OutboxStatus.BOUNCED.value, last_error=f"bounced: {why}")
+    )
+    return int(getattr(res, "rowcount", 0) or 0)
+
+
 class OutboxWorker:
-    def __init__(self, rt: Runtime) -> None:
+    """Claims due outbox rows in batches and delivers them.
+
+    Each worker is one *instance* (``store/instances.py``): its claims carry its id, it
+    beats while it runs, and it retires when it stops.  ``name`` is stable across
+    restarts for the daemon (so a restart takes back the dead predecessor's claims at
+    once); a worker without one (a CLI flush, a test) gets a name of its own.
+    """
+
+    def __init__(self, rt: Runtime, *, name: str | None = None) -> None:
         self.rt = rt
-        self.settings = rt.settings
+        self.name = name or f"worker:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.instance_id: str | None = None
         self._wake = asyncio.Event()
+
+    @property
+    def settings(self) -> Settings:
+        """The current settings (read through the runtime, so a reload applies at once)."""
+        return self.rt.settings
 
     def wake(self) -> None:
         """New work was committed: look now instead of at the next poll."""
@@ -139,13 +242,21 @@ class OutboxWorker:
         with self.rt.db.write() as s:
             return self._claim_in(s, limit)
 
+    def register_in(self, s: Session) -> str:
+        if self.instance_id is None:
+            self.instance_id = register(s, self.name, utcnow())
+        return self.instance_id
+
     def _claim_in(self, s: Session, limit: int) -> list[Job]:
+        me = self.register_in(s)
         now = utcnow()
         lease = now + timedelta(seconds=self.settings.outbox.lease)
         due = or_(
             (Outbox.status == OutboxStatus.PENDING.value) & (Outbox.next_attempt_at <= now),
-            # A worker that died mid-delivery left its rows "sending": take them back.
-            (Outbox.status == OutboxStatus.SENDING.value) & (Outbox.claimed_until < now),
+            # A worker that died mid-delivery left its rows "sending": take them back once
+            # its instance is retired or silent (seconds), or its lease ran out.
+            (Outbox.status == OutboxStatus.SENDING.value)
+            & claim_is_dead(now, self.settings.outbox.dead_after),
         )
         jobs: list[Job] = []
         # SKIP LOCKED lets several instances share the PostgreSQL outbox; SQLAlchemy
@@ -167,28 +278,33 @@ class OutboxWorker:
             .values(
                 status=OutboxStatus.SENDING.value,
                 claimed_until=lease,
+                claimed_by=me,
                 attempts=Outbox.attempts + 1,
             )
         )
         rows = s.execute(
             select(Outbox, Message)
             .outerjoin(Message, Message.id == Outbox.message_pk)
-            .where(Outbox.id.in_(ids), Outbox.claimed_until == lease)
+            .where(Outbox.id.in_(ids), Outbox.claimed_by == me, Outbox.claimed_until == lease)
             .order_by(Outbox.id)
         ).all()
         for ob, msg in rows:
             payload = ob.payload
             message_id = msg.message_id if msg is not None else ""
-            if ob.kind == OutboxKind.DELIVER.value and msg is not None:
-                routed_from = None
-                if msg.routed_to_account_id is not None:
-                    routed_from = self.rt.account_of(msg.account_id).address
-                payload = with_trace_headers(msg.raw, ob.interaction_id, routed_from)
+            account = self.rt.accounts.name(ob.account_id)
+            relay = relay_of_outbound(self.settings.outbound)
+            if ob.kind == OutboxKind.DELIVER.value:
+                relay = relay_of_account(self.settings.account(account))
+                if msg is not None:
+                    routed_from = None
+                    if msg.routed_to_account_id is not None:
+                        routed_from = self.rt.account_of(msg.account_id).address
+                    payload = with_trace_headers(msg.raw, ob.interaction_id, routed_from)
             jobs.append(
                 Job(
                     id=ob.id,
                     kind=ob.kind,
-                    account=self.rt.accounts.name(ob.account_id),
+                    account=account,
                     interaction_id=ob.interaction_id,
                     payload=payload,
                     message_id=message_id,
@@ -197,24 +313,42 @@ class OutboxWorker:
                     attempts=ob.attempts,
                     deadline=ob.deadline,
                     key=f"{ob.id}x{(msg.content_hash[:12] if msg is not None else 'out')}",
+                    created_at=ob.created_at,
+                    relay=relay,
                 )
             )
         return jobs
 
-    def finish(self, job: Job, error: DeliveryError | None) -> str:
+    def finish(
+        self,
+        job: Job,
+        error: DeliveryError | None,
+        delivered: Delivered | None = None,
+        started: datetime | None = None,
+    ) -> Outcome:
         with self.rt.db.write() as s:
-            return self._finish_in(s, job, error)
+            return self._finish_in(s, job, error, delivered, started)
 
-    def _finish_in(self, s: Session, job: Job, error: DeliveryError | None) -> str:
+    def _finish_in(
+        self,
+        s: Session,
+        job: Job,
+        error: DeliveryError | None,
+        delivered: Delivered | None = None,
+        started: datetime | None = None,
+    ) -> Outcome:
+        """Record the attempt and the job's new state, in one transaction."""
         now = utcnow()
         values: dict[str, object]
         if error is None:
             values = {"status": OutboxStatus.SENT.value, "sent_at": now, "last_error": None}
+            attempt, reply = AttemptStatus.SENT, delivered.reply if delivered else "delivered"
         elif error.permanent or now >= job.deadline:
             why = (
                 str(error) if error.permanent else f"gave up after {job.attempts} attempts: {error}"
             )
             values = {"status": OutboxStatus.FAILED.value, "last_error": why}
+            attempt, reply = AttemptStatus.BOUNCED, why
         else:
             delay = backoff(
                 job.attempts, self.settings.outbox.initial_backoff, self.settings.outbox.max_backoff
@@ -224,45 +358,97 @@ class OutboxWorker:
                 "last_error": str(error),
                 "next_attempt_at": min(now + timedelta(seconds=delay), job.deadline),
             }
+            attempt, reply = AttemptStatus.DEFERRED, str(error)
         values["claimed_until"] = None
-        s.execute(update(Outbox).where(Outbox.id == job.id).values(**values))
-        return str(values["status"])
+        values["claimed_by"] = None
+        # Fenced on our claim: if we were taken for dead and the row was claimed again,
+        # the newer claim's outcome is the one that counts (the attempt is still recorded).
+        res = s.execute(
+            update(Outbox)
+            .where(
+                Outbox.id == job.id,
+                Outbox.claimed_by == self.instance_id,
+                Outbox.status == OutboxStatus.SENDING.value,
+            )
+            .values(**values)
+        )
+        dsn = dsn_of(reply, attempt)
+        s.connection().execute(
+            _INSERT_ATTEMPT,
+            {
+                "outbox_id": job.id,
+                "attempt": job.attempts,
+                "started_at": started or now,
+                "finished_at": now,
+                "status": attempt.value,
+                "relay": job.relay,
+                "dsn": dsn,
+                "reply": reply,
+            },
+        )
+        if not getattr(res, "rowcount", 0):
+            return Outcome("claim-lost", attempt, dsn, reply)
+        return Outcome(str(values["status"]), attempt, dsn, reply)
 
     def _release_in(self, s: Session, jobs: list[Job]) -> None:
         """Give back claimed jobs that were never attempted (stopping)."""
         s.execute(
             update(Outbox)
-            .where(Outbox.id.in_([j.id for j in jobs]), Outbox.status == OutboxStatus.SENDING.value)
+            .where(
+                Outbox.id.in_([j.id for j in jobs]),
+                Outbox.status == OutboxStatus.SENDING.value,
+                Outbox.claimed_by == self.instance_id,
+            )
             .values(
-                status=OutboxStatus.PENDING.value, claimed_until=None, attempts=Outbox.attempts - 1
+                status=OutboxStatus.PENDING.value,
+                claimed_until=None,
+                claimed_by=None,
+                attempts=Outbox.attempts - 1,
             )
         )
 
     # ------------------------------------------------------------------ delivery (async)
 
-    async def _attempt(self, job: Job) -> None:
+    async def _attempt(self, job: Job) -> Delivered:
         if job.kind == OutboxKind.DELIVER.value:
             acc = self.settings.account(job.account)
-            await deliver_to_account(acc, job.payload, message_id=job.message_id, key=job.key)
-        else:
-            await send_outbound(
-                self.settings.outbound,
+            # The first claim of a row cannot have delivered before: no search for a copy.
+            return await deliver_to_account(
+                acc,
                 job.payload,
-                envelope_from=job.envelope_from,
-                envelope_to=job.envelope_to,
+                message_id=job.message_id,
                 key=job.key,
+                retry=job.attempts > 1,
             )
+        return await send_outbound(
+            self.settings.outbound,
+            job.payload,
+            envelope_from=job.envelope_from,
+            envelope_to=job.envelope_to,
+            key=job.key,
+        )
 
     async def process(self, job: Job) -> str:
+        """Attempt ``job`` once and record the outcome; returns the job's new status."""
         error: DeliveryError | None = None
+        delivered: Delivered | None = None
+        started = utcnow()
         try:
-            await self._attempt(job)
+            delivered = await self._attempt(job)
         except DeliveryError as exc:
             error = exc
         except Exception as exc:  # noqa: BLE001 - event() logs it with exc_info
             event(log, "outbox-crashed", logging.ERROR, exc_info=True, job=job.id, kind=job.kind)
             error = DeliveryError(f"internal error: {type(exc).__name__}: {exc}")
-        status: str = await self.rt.writes.submit(lambda s: self._finish_in(s, job, error))
+        outcome: Outcome = await self.rt.writes.submit(
+            lambda s: self._finish_in(s, job, error, delivered, started)
+        )
+        delay = (utcnow() - job.created_at).total_seconds()
+        sent = outcome.attempt == AttemptStatus.SENT
+        metrics = self.rt.metrics
+        metrics.delivered(job.relay.split(":", 1)[0], outcome.attempt, delay if sent else None)
+        if job.kind == OutboxKind.NOTIFY.value and outcome.status != OutboxStatus.PENDING:
+            metrics.notice("sent" if sent else "failed")
         acc = self.settings.account(job.account)
         event(
             log,
@@ -275,10 +461,14 @@ class OutboxWorker:
             account=acc.address,
             to=",".join(job.envelope_to) or None,
             attempt=job.attempts,
-            status=status,
+            status=outcome.attempt.value,
+            dsn=outcome.dsn,
+            relay=job.relay,
+            delay=round(delay, 3),
+            reply=outcome.reply if sent else None,
             error=str(error) if error else None,
         )
-        return status
+        return outcome.status
 
     async def _round(self, stop: asyncio.Event | None = None) -> int:
         """Claim one batch and attempt it, a few deliveries at a time; returns the count."""
@@ -318,6 +508,25 @@ class OutboxWorker:
                 break
             done += n
         return done
+
+    async def beat(self, stop: asyncio.Event) -> None:
+        """Say this instance is alive every ``outbox.heartbeat`` seconds until ``stop``."""
+        while not await wait_unless_stopped(stop, self.settings.outbox.heartbeat):
+            alive = await self.rt.writes.submit(self._beat_in)
+            if not alive:
+                # A newer incarnation of our name started (a second daemon on the same
+                # state?) and took our claims back: ours are no longer ours to finish.
+                event(log, "instance-retired", logging.ERROR, name=self.name)
+                self.instance_id = None
+
+    def _beat_in(self, s: Session) -> bool:
+        return heartbeat(s, self.register_in(s), utcnow())
+
+    async def retire(self) -> None:
+        """Stopping: mark this instance stopped and give back any claim still held."""
+        if self.instance_id is not None:
+            me, self.instance_id = self.instance_id, None
+            await self.rt.writes.submit(lambda s: retire(s, [me], utcnow()))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; jobs in hand finish, unstarted ones are given back."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+from typing import NamedTuple
 
 import aiosmtplib
 
@@ -16,9 +18,11 @@ from mailrouter.config import OutboundSettings, client_ssl_context
 from mailrouter.deliver.errors import PermanentDeliveryError, TemporaryDeliveryError
 from mailrouter.log import event
 
-__all__ = ["send_smtp"]
+__all__ = ["SmtpResult", "send_smtp", "submit_smtp"]
 
 log = logging.getLogger("mailrouter.deliver.smtp")
+
+_HAS_CODE = re.compile(r"\d{3}(?: |$)")
 
 # Connection refused or lost, timeouts, a failed TLS handshake (SMTPConnectError): the
 # network's or the smarthost's trouble, worth a retry.
@@ -30,10 +34,28 @@ _NETWORK_ERRORS = (
 )
 
 
+class SmtpResult(NamedTuple):
+    """What the smarthost said: recipients it refused, and its reply to the message."""
+
+    refused: dict[str, tuple[int, str]]
+    reply: str  # "250 2.0.0 Ok: queued as …"
+
+
 async def send_smtp(
     settings: OutboundSettings, raw: bytes, *, envelope_from: str, envelope_to: list[str]
 ) -> dict[str, tuple[int, str]]:
     """Send ``raw`` to ``envelope_to``; return the recipients the smarthost refused.
+
+    :func:`submit_smtp` without the smarthost's reply (see there).
+    """
+    result = await submit_smtp(settings, raw, envelope_from=envelope_from, envelope_to=envelope_to)
+    return result.refused
+
+
+async def submit_smtp(
+    settings: OutboundSettings, raw: bytes, *, envelope_from: str, envelope_to: list[str]
+) -> SmtpResult:
+    """Send ``raw`` to ``envelope_to``; return the refused recipients and the final reply.
 
     Returns normally when at least one recipient was accepted — the message is then on
     its way to those, and the refused ones come back as ``{address: (code, text)}`` for
@@ -120,7 +142,11 @@ async def send_smtp(
         transport = client.transport  # quit() forgets it; the finally clause still needs it
         with contextlib.suppress(*_NETWORK_ERRORS, aiosmtplib.SMTPResponseException):
             await client.quit()  # the message is accepted; a lost goodbye changes nothing
-        return out
+        # aiosmtplib gives the text of the reply to DATA; its code was a 2xx.
+        final = reply if _HAS_CODE.match(reply) else f"250 {reply}"
+        if out:
+            final += "; refused: " + "; ".join(f"<{a}> {c} {m}" for a, (c, m) in out.items())
+        return SmtpResult(out, final)
     except aiosmtplib.SMTPResponseException as exc:  # greeting, STARTTLS, MAIL FROM, DATA
         raise _classify(exc.code, exc.message, f"SMTP {where}") from exc
     except _NETWORK_ERRORS as exc:

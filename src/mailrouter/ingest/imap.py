@@ -16,12 +16,15 @@ backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from mailrouter import imapclient
 from mailrouter.config import AccountSettings, ImapWatchSettings
@@ -30,7 +33,8 @@ from mailrouter.log import event
 from mailrouter.parse import format_id, parse_ids
 from mailrouter.pipeline import Accepted, Pipeline, StoreUnavailable
 from mailrouter.retry import backoff, wait_first, wait_unless_stopped
-from mailrouter.store import imap_state
+from mailrouter.store import imap_state, leases
+from mailrouter.store.models import utcnow
 
 __all__ = ["ImapWatcher"]
 
@@ -66,7 +70,11 @@ class ImapWatcher:
         account: AccountSettings,
         *,
         on_accepted: Callable[[], None] | None = None,
+        holder: Callable[[], str | None] | None = None,
     ) -> None:
+        """``holder`` names the instance this watcher works for: the mailbox is then
+        watched only while that instance holds its lease (one watcher among several
+        instances sharing a PostgreSQL store).  Without it, no lease is taken."""
         if account.imap is None:
             raise ValueError(f"account {account.name} has no [accounts.{account.name}.imap]")
         self.p = pipeline
@@ -81,6 +89,8 @@ class ImapWatcher:
         # for logs, health checks and tests.
         self.state = "new"
         self.sessions = 0
+        self.holder = holder
+        self.lease_name = f"imap:{account.name}:{account.imap.mailbox}"
 
     # ------------------------------------------------------------------ the loop
 
@@ -91,14 +101,19 @@ class ImapWatcher:
         since = 0.0
         while not stop.is_set():
             session: ImapSession | None = None
+            renewing: asyncio.Task[None] | None = None
             healthy = clean = False
             error: str | None = None
             try:
+                if not await self._hold_lease(stop):
+                    break
                 self.state = "connecting"
                 session = await self._connect(stop)
                 if session is None or stop.is_set():
                     clean = True
                     break
+                if self.holder is not None:
+                    renewing = asyncio.create_task(self._keep_lease(session, stop))
                 await self._select(session)
                 self.sessions += 1
                 healthy, since = True, loop.time()
@@ -113,10 +128,13 @@ class ImapWatcher:
                     "imap-watcher-failed",
                     logging.ERROR,
                     exc_info=exc,
-                    account=self.account.name,
+                    account=self.account.address,
                 )
                 error = f"{type(exc).__name__}: {exc}"
             finally:
+                if renewing is not None:
+                    renewing.cancel()
+                    await asyncio.gather(renewing, return_exceptions=True)
                 if session is not None:
                     # LOGOUT only from a healthy session that we end: not after an error,
                     # and not when cancelled (the daemon's drain time is already up).
@@ -130,11 +148,12 @@ class ImapWatcher:
             failures += 1
             delay = backoff(failures, RECONNECT_INITIAL, RECONNECT_CAP)
             self.state = "reconnect-backoff"
+            self.p.rt.metrics.imap_reconnect(self.account.name)
             event(
                 log,
                 "imap-disconnected",
                 logging.WARNING,
-                account=self.account.name,
+                account=self.account.address,
                 host=f"{self.cfg.host}:{self.cfg.port}",
                 error=error or "session ended",
                 was_watching=healthy,
@@ -142,7 +161,57 @@ class ImapWatcher:
             )
             await wait_unless_stopped(stop, delay)
         self.state = "stopped"
-        event(log, "imap-stopped", account=self.account.name)
+        await self._release_lease()
+        event(log, "imap-stopped", account=self.account.address)
+
+    # ------------------------------------------------------------------ the lease
+
+    async def _hold_lease(self, stop: asyncio.Event) -> bool:
+        """Wait until this instance holds the mailbox's lease; False if stopped first."""
+        if self.holder is None:
+            return True
+        ttl, beat = self.p.settings.outbox.dead_after, self.p.settings.outbox.heartbeat
+        standby_logged = False
+        while not stop.is_set():
+            me = self.holder()
+            if me is not None and await self._write(
+                functools.partial(
+                    leases.acquire, name=self.lease_name, holder=me, now=utcnow(), ttl=ttl
+                )
+            ):
+                if standby_logged:
+                    event(log, "imap-lease-taken", account=self.account.name, instance=me)
+                return True
+            if not standby_logged:
+                # Another instance watches this mailbox; take over if it stops renewing.
+                event(log, "imap-standby", account=self.account.name, lease=self.lease_name)
+                standby_logged = True
+            self.state = "standby"
+            await wait_unless_stopped(stop, beat)
+        return False
+
+    async def _keep_lease(self, session: ImapSession, stop: asyncio.Event) -> None:
+        """Renew the lease while the session lives; end the session if it was lost."""
+        assert self.holder is not None
+        ttl, beat = self.p.settings.outbox.dead_after, self.p.settings.outbox.heartbeat
+        while not await wait_unless_stopped(stop, beat):
+            me = self.holder()
+            kept = me is not None and await self._write(
+                functools.partial(
+                    leases.renew, name=self.lease_name, holder=me, now=utcnow(), ttl=ttl
+                )
+            )
+            if not kept:
+                # We were taken for dead and another instance watches now: two watchers
+                # would only read twice (ingest is idempotent), but one is the design.
+                session.end("IMAP lease lost to another instance")
+                return
+
+    async def _release_lease(self) -> None:
+        me = self.holder() if self.holder is not None else None
+        if me is not None:
+            with contextlib.suppress(StoreUnavailable):
+                await self._write(lambda s: leases.release(s, self.lease_name, me))
 
     async def _connect(self, stop: asyncio.Event) -> ImapSession | None:
         """A logged-in session, or None if ``stop`` was set first."""
@@ -169,7 +238,7 @@ class ImapWatcher:
         event(
             log,
             "imap-connected",
-            account=self.account.name,
+            account=self.account.address,
             host=f"{self.cfg.host}:{self.cfg.port}",
             user=self.cfg.user,
             mailbox=self.cfg.mailbox,
@@ -185,6 +254,7 @@ class ImapWatcher:
             try:
                 self.state = "catching-up"
                 await self._catch_up(session, stop)
+                await self._store(self._synced)
                 store_failures = 0
             except StoreUnavailable as exc:
                 # Nothing was flagged or moved; the same UIDs are read again after a pause.
@@ -194,7 +264,7 @@ class ImapWatcher:
                     log,
                     "imap-store-unavailable",
                     logging.WARNING,
-                    account=self.account.name,
+                    account=self.account.address,
                     error=str(exc),
                     retry_in=f"{delay:.1f}s",
                 )
@@ -261,7 +331,7 @@ class ImapWatcher:
         raw = await self._fetch(session, uid)
         if raw is None:
             # Expunged by someone else between SEARCH and FETCH: nothing to ingest.
-            event(log, "imap-vanished", account=self.account.name, uid=uid)
+            event(log, "imap-vanished", account=self.account.address, uid=uid)
             await self._store(self._save_uid, uid)
             return
         # accept_async: group-committed on the daemon's writer thread with the other stages.
@@ -281,14 +351,14 @@ class ImapWatcher:
         event(
             log,
             "imap-message",
-            account=self.account.name,
+            account=self.account.address,
             mailbox=self.cfg.mailbox,
             uid=uid,
             msgid=format_id(ids[0]) if ids else None,
             size=len(raw),
             action=d.action,
             interaction=result.interaction_id,
-            owner=d.owner,
+            owner=self.p.settings.account(d.owner).address if d.owner else None,
             moved_to=moved,
         )
 
@@ -317,7 +387,7 @@ class ImapWatcher:
                 log,
                 "imap-move-failed",
                 logging.WARNING,
-                account=self.account.name,
+                account=self.account.address,
                 uid=uid,
                 folder=folder,
                 error=f"{resp.result} {imapclient.response_text(resp)}",
@@ -345,11 +415,18 @@ class ImapWatcher:
         name = imapclient.mailbox_arg(folder)
         resp = await session.run(session.client.create(name), f"CREATE {folder}")
         if resp.result == "OK":
-            event(log, "imap-folder-created", account=self.account.name, folder=folder)
+            event(log, "imap-folder-created", account=self.account.address, folder=folder)
             # Subscribed, so the account's mail clients show where routed mail went.
             await session.run(session.client.subscribe(name), f"SUBSCRIBE {folder}")
 
     # ------------------------------------------------------------------ store (sync, in a thread)
+
+    async def _write(self, op: Callable[[Session], T]) -> T:
+        """``op(session)`` through the daemon's group-commit writer, after its commit."""
+        try:
+            return await self.p.rt.writes.submit(op)
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"imap lease: {exc}") from exc
 
     async def _store(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -370,7 +447,7 @@ class ImapWatcher:
                     log,
                     "imap-uidvalidity-changed",
                     logging.WARNING,
-                    account=self.account.name,
+                    account=self.account.address,
                     mailbox=self.cfg.mailbox,
                     old=mark.uidvalidity,
                     new=uidvalidity,
@@ -378,6 +455,11 @@ class ImapWatcher:
                 )
             imap_state.reset_mark(s, self.account_id, self.cfg.mailbox, uidvalidity)
             return 0
+
+    def _synced(self) -> None:
+        """The mailbox is caught up now (``mailrouter status`` shows when that last was)."""
+        with self.p.db.write() as s:
+            imap_state.mark_synced(s, self.account_id, self.cfg.mailbox)
 
     def _save_uid(self, uid: int) -> None:
         with self.p.db.write() as s:

@@ -14,7 +14,6 @@ import logging
 import ssl
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
@@ -25,7 +24,14 @@ from mailrouter.log import event
 from mailrouter.net import is_loopback
 from mailrouter.pipeline import Pipeline, StoreUnavailable
 
-__all__ = ["IngestHandler", "LMTPServer", "Listener", "SMTPServer", "start_listener"]
+__all__ = [
+    "IngestHandler",
+    "LMTPServer",
+    "Listener",
+    "SMTPServer",
+    "start_listener",
+    "tls_context",
+]
 
 log = logging.getLogger("mailrouter.ingest")
 
@@ -43,10 +49,15 @@ class IngestHandler:
         on_accepted: Callable[[], None] | None = None,
     ) -> None:
         self.p = pipeline
-        self.settings: Settings = pipeline.settings
         self.lmtp = lmtp
         self.on_accepted = on_accepted
         self.proto = "lmtp" if lmtp else "smtp"
+
+    @property
+    def settings(self) -> Settings:
+        # Never a copy taken at start: an account added by a reload is accepted at RCPT at
+        # once, also in a session that was open across the reload.
+        return self.p.settings
 
     async def handle_RCPT(
         self,
@@ -65,6 +76,7 @@ class IngestHandler:
                 peer=session.peer[0] if session.peer else None,
                 rcpt=address,
                 code=550,
+                dsn="5.1.1",
             )
             return f"550 5.1.1 <{address}>: Recipient address rejected: not a mailrouter account"
         envelope.rcpt_tos.append(address)
@@ -85,7 +97,16 @@ class IngestHandler:
                 envelope_sender=envelope.mail_from if envelope.mail_from != "<>" else "",
             )
         except StoreUnavailable as exc:
-            event(log, "tempfail", logging.ERROR, proto=self.proto, error=str(exc))
+            event(
+                log,
+                "tempfail",
+                logging.ERROR,
+                proto=self.proto,
+                account=accounts[0].address if accounts else None,
+                code=451,
+                dsn="4.3.0",
+                error=str(exc),
+            )
             return self._per_recipient(envelope, TEMPFAIL)
         if self.on_accepted is not None:
             self.on_accepted()
@@ -106,15 +127,24 @@ class IngestHandler:
 
 
 class _TellsListener(asyncio.Protocol):
-    """Tells the listener when a session ends, so the connection cap and drain know."""
+    """Tells the listener when a session ends (connection cap, drain), and the metrics
+    every reply it sends (aiosmtpd's own 5xx included)."""
 
     on_close: Callable[[], None] | None = None
+    on_reply: Callable[[str], None] | None = None
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
             super().connection_lost(error)
         finally:
             _closed(self)
+
+    async def push(self, status: Any) -> None:
+        if self.on_reply is not None:
+            self.on_reply(
+                status if isinstance(status, str) else bytes(status).decode("ascii", "replace")
+            )
+        await super().push(status)  # type: ignore[misc]
 
 
 class SMTPServer(_TellsListener, SMTP):
@@ -155,7 +185,12 @@ class _Authenticator:
         return AuthResult(success=False, handled=False)
 
 
-def _tls_context(listener: ListenerSettings) -> ssl.SSLContext | None:
+def tls_context(listener: ListenerSettings) -> ssl.SSLContext | None:
+    """The server TLS context of ``listener`` (None without a certificate), read from disk.
+
+    Raises OSError or ssl.SSLError when the certificate or key cannot be loaded; a reload
+    checks the new settings with it before applying them.
+    """
     if listener.tls_cert is None or listener.tls_key is None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -163,13 +198,92 @@ def _tls_context(listener: ListenerSettings) -> ssl.SSLContext | None:
     return ctx
 
 
-@dataclass
 class Listener:
-    """A bound listener and a way to wait for the sessions it still serves."""
+    """A bound listener: serves sessions with the current settings, drains on stop.
 
-    server: asyncio.Server
-    sessions: set[SMTPServer | LMTPServer]
-    idle: asyncio.Event  # set while no session is open
+    The address is bound once (changing it needs a restart).  The connection cap, the
+    size limit, AUTH and its users and the hostname are read from the pipeline's current
+    settings for each new session, and a reload hands over a freshly read certificate
+    (:meth:`use_tls`): a reload applies from the next connection on, while sessions in
+    flight finish as they began.
+    """
+
+    def __init__(self, pipeline: Pipeline, *, lmtp: bool, on_accepted: Callable[[], None] | None):
+        self.p = pipeline
+        self.lmtp = lmtp
+        self.proto = "lmtp" if lmtp else "smtp"
+        self.handler = IngestHandler(pipeline, lmtp=lmtp, on_accepted=on_accepted)
+        self.tls = tls_context(self.settings)
+        self.loopback = is_loopback(self.settings.host)
+        self.sessions: set[SMTPServer | LMTPServer] = set()
+        self.idle = asyncio.Event()  # set while no session is open
+        self.idle.set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def settings(self) -> ListenerSettings:
+        return self.p.settings.lmtp if self.lmtp else self.p.settings.smtp
+
+    @property
+    def server(self) -> asyncio.Server:
+        assert self._server is not None, "start() first"
+        return self._server
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.settings
+        self._server = await loop.create_server(self.protocol, host=cfg.host, port=cfg.port)
+
+    def use_tls(self, tls: ssl.SSLContext | None) -> None:
+        """Serve new sessions with ``tls`` (a reload: a renewed or changed certificate)."""
+        self.tls = tls
+
+    def protocol(self) -> asyncio.Protocol:
+        # Each session may hold up to max_message_size bytes during DATA: capping the
+        # sessions caps the memory, like Postfix's smtpd process limit.
+        cfg = self.settings
+        if len(self.sessions) >= cfg.max_connections:
+            event(log, "busy", logging.WARNING, proto=self.proto, active=len(self.sessions))
+            return _Busy()
+        with warnings.catch_warnings():
+            # aiosmtpd warns on every connection when AUTH is required without TLS; on a
+            # loopback listener that is the operator's documented choice, not news.
+            warnings.simplefilter("ignore", UserWarning)
+            server = self._make(cfg)
+
+        def ended() -> None:
+            self.sessions.discard(server)
+            if not self.sessions:
+                self.idle.set()
+
+        server.on_close = ended
+        server.on_reply = self._count_reply
+        self.sessions.add(server)
+        self.idle.clear()
+        return server
+
+    def _count_reply(self, reply: str) -> None:
+        self.p.rt.metrics.smtp_reply(self.proto, reply)
+
+    def _make(self, cfg: ListenerSettings) -> SMTPServer | LMTPServer:
+        tls = self.tls
+        cls: type[SMTPServer] | type[LMTPServer] = LMTPServer if self.lmtp else SMTPServer
+        return cls(
+            self.handler,
+            data_size_limit=cfg.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=self.p.settings.hostname,
+            ident="mailrouter",
+            tls_context=tls,
+            require_starttls=tls is not None and not self.lmtp,
+            auth_required=cfg.require_auth,
+            # AUTH in clear text is acceptable only on loopback without a certificate;
+            # with one, STARTTLS is required before anything else anyway.
+            auth_require_tls=tls is not None or not self.loopback,
+            authenticator=_Authenticator(cfg) if cfg.auth_users else None,
+            timeout=300,
+        )
 
     async def drain(self) -> None:
         """Stop accepting, then wait until every open session has ended."""
@@ -186,69 +300,11 @@ class Listener:
 
 async def start_listener(
     pipeline: Pipeline,
-    listener: ListenerSettings,
     *,
     lmtp: bool = False,
     on_accepted: Callable[[], None] | None = None,
 ) -> Listener:
-    """Bind and start serving; :meth:`Listener.drain` stops it gracefully."""
-    handler = IngestHandler(pipeline, lmtp=lmtp, on_accepted=on_accepted)
-    tls = _tls_context(listener)
-    loopback = is_loopback(listener.host)
-    cls: type[SMTPServer] | type[LMTPServer] = LMTPServer if lmtp else SMTPServer
-    sessions: set[SMTPServer | LMTPServer] = set()
-    idle = asyncio.Event()
-    idle.set()
-
-    def protocol() -> asyncio.Protocol:
-        # Each session may hold up to max_message_size bytes during DATA: capping the
-        # sessions caps the memory, like Postfix's smtpd process limit.
-        if len(sessions) >= listener.max_connections:
-            event(
-                log, "busy", logging.WARNING, proto="lmtp" if lmtp else "smtp", active=len(sessions)
-            )
-            return _Busy()
-        server = factory()
-
-        def ended() -> None:
-            sessions.discard(server)
-            if not sessions:
-                idle.set()
-
-        server.on_close = ended
-        sessions.add(server)
-        idle.clear()
-        return server
-
-    hostname = pipeline.settings.hostname
-
-    # AUTH in clear text is acceptable only on loopback without a certificate; with one,
-    # STARTTLS is required before anything else anyway.
-    auth_require_tls = tls is not None or not loopback
-
-    def factory() -> SMTPServer | LMTPServer:
-        with warnings.catch_warnings():
-            # aiosmtpd warns on every connection when AUTH is required without TLS; on a
-            # loopback listener that is the operator's documented choice, not news.
-            warnings.simplefilter("ignore", UserWarning)
-            return make()
-
-    def make() -> SMTPServer | LMTPServer:
-        return cls(
-            handler,
-            data_size_limit=listener.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=hostname,
-            ident="mailrouter",
-            tls_context=tls,
-            require_starttls=tls is not None and not lmtp,
-            auth_required=listener.require_auth,
-            auth_require_tls=auth_require_tls,
-            authenticator=_Authenticator(listener) if listener.auth_users else None,
-            timeout=300,
-        )
-
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(protocol, host=listener.host, port=listener.port)
-    return Listener(server, sessions, idle)
+    """Bind ``[lmtp]`` or ``[smtp]`` and start serving; :meth:`Listener.drain` stops it."""
+    listener = Listener(pipeline, lmtp=lmtp, on_accepted=on_accepted)
+    await listener.start()
+    return listener

@@ -150,6 +150,10 @@ class Malformed:
     def check(self, facts: Facts) -> Decision | None:
         if not facts.msg.problem:
             return None
+        if facts.seen is not None:
+            # The same unroutable bytes are held already: a sender's retry is a duplicate
+            # (250), not a second hold that clashes with the first (an endless 451).
+            return None
         return Decision(
             Action.HOLD, self.name, facts.primary, reason=facts.msg.problem, step=self.name
         )
@@ -185,6 +189,16 @@ class CopyForAnotherAccount:
     def check(self, facts: Facts) -> Decision | None:
         if facts.seen is None:
             return None
+        if facts.msg.problem:
+            # A held message for another account: record the recipient beside it.
+            return Decision(
+                Action.ATTACH,
+                Malformed.name,
+                facts.primary,
+                reason=facts.msg.problem,
+                existing_pk=facts.seen[0],
+                step=self.name,
+            )
         # The stored copy is in its interaction already and the owner's mailbox has it, so
         # only the extra recipient is recorded: a Cc must not deliver the message twice.
         return Decision(

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from mailrouter.store.models import ImapState, Message, utcnow
 
-__all__ = ["UidMark", "advance_mark", "read_mark", "reset_mark", "routed_to"]
+__all__ = ["UidMark", "advance_mark", "mark_synced", "read_mark", "reset_mark", "routed_to"]
 
 
 class UidMark(NamedTuple):
@@ -54,6 +54,15 @@ def advance_mark(
             ImapState.last_uid < uid,
         )
         .values(last_uid=uid, updated_at=utcnow())
+    )
+
+
+def mark_synced(session: Session, account_id: int, mailbox: str) -> None:
+    """Record that the watcher has just caught up with this mailbox."""
+    session.execute(
+        update(ImapState)
+        .where(ImapState.account_id == account_id, ImapState.mailbox == mailbox)
+        .values(last_sync_at=utcnow())
     )
 
 

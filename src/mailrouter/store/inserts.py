@@ -55,16 +55,22 @@ def add_message(
     rule: str | None = None,
     action: str | None = None,
     hold_reason: str | None = None,
+    step: str | None = None,
+    matched_id: str | None = None,
+    pk: int | None = None,
 ) -> int:
     """Insert a message with its id references and recipient accounts; returns its key.
 
-    A ``hold_reason`` stores it as held (kept for inspection, no interaction).
+    A ``hold_reason`` stores it as held (kept for inspection, no interaction); ``pk`` gives
+    it that key instead of a new one (a released message taking its old row's place).
     """
     conn = session.connection()
+    given = {} if pk is None else {"id": pk}
     pk = _new_id(
         conn,
         _INSERT_MESSAGE,
-        dict(
+        given
+        | dict(
             interaction_id=interaction_id,
             direction=direction.value,
             account_id=account_id,
@@ -88,6 +94,9 @@ def add_message(
             rule=rule,
             action=action,
             source=source,
+            envelope_from=msg.envelope_sender,
+            step=step,
+            matched_id=matched_id,
             received_at=utcnow(),
         ),
     )

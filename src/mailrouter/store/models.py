@@ -1,4 +1,6 @@
-"""SQLAlchemy models: accounts, interactions, messages, transfers, the outbox, IMAP state.
+"""SQLAlchemy models: accounts, interactions, messages, transfers, the outbox and its
+delivery attempts, IMAP state, instances and leases, agents (with their accounts) and the
+idempotency keys of their API replies.
 
 Message-IDs are stored bare (no angle brackets).  ``message_refs`` keeps the ids a message
 points at (In-Reply-To and References, at most the root and the 99 nearest: see
@@ -31,20 +33,30 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
+    "INSTANCES",
     "INTERACTIONS",
+    "LEASES",
     "MESSAGES",
     "MESSAGE_RECIPIENTS",
     "MESSAGE_REFS",
     "OUTBOX",
+    "OUTBOX_ATTEMPTS",
     "Account",
+    "Agent",
+    "AgentAccount",
+    "AttemptStatus",
     "Base",
     "Direction",
+    "IdempotencyKey",
     "ImapState",
+    "Instance",
     "Interaction",
+    "Lease",
     "Message",
     "MessageRecipient",
     "MessageRef",
     "Outbox",
+    "OutboxAttempt",
     "OutboxKind",
     "OutboxStatus",
     "Transfer",
@@ -109,6 +121,17 @@ class OutboxStatus(enum.StrEnum):
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"  # permanent: 5xx, or lifetime exceeded
+    BOUNCED = "bounced"  # sent, then reported undeliverable by a bounce (DSN)
+    HELD = "held"  # parked by an operator (`queue hold`): never claimed until released
+    DELETED = "deleted"  # dropped by an operator (`queue delete`): kept for `trace`
+
+
+class AttemptStatus(enum.StrEnum):
+    """How one delivery attempt ended, in the log's words (``status=``, after Postfix)."""
+
+    SENT = "sent"
+    DEFERRED = "deferred"  # temporary failure: the job waits for its next try
+    BOUNCED = "bounced"  # permanent failure, or the job's lifetime ran out
 
 
 class Account(Base):
@@ -125,6 +148,8 @@ class Account(Base):
 
 class Interaction(Base):
     __tablename__ = "interactions"
+    # The interactions gauge counts open ones by account at every scrape.
+    __table_args__ = (Index("ix_interactions_status", "status", "account_id", "unread"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -153,6 +178,9 @@ class Message(Base):
         # to are in message_recipients.
         UniqueConstraint("message_id", "content_hash", name="uq_messages_identity"),
         Index("ix_messages_interaction", "interaction_id", "id"),
+        # `queue`, `status` and the metrics count held messages at every call: an index,
+        # so that costs the held rows, not the whole message history.
+        Index("ix_messages_status", "status", "received_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -180,6 +208,10 @@ class Message(Base):
     rule: Mapped[str | None] = mapped_column(String(50))
     action: Mapped[str | None] = mapped_column(String(30))
     source: Mapped[str | None] = mapped_column(String(50))  # smtp, lmtp, imap, cli, replay
+    # The SMTP/LMTP envelope sender ("" for a bounce's null sender; None: not known, IMAP).
+    envelope_from: Mapped[str | None] = mapped_column(String(320))
+    step: Mapped[str | None] = mapped_column(String(50))  # the routing rule that decided
+    matched_id: Mapped[str | None] = mapped_column(String(998))  # the stored id it matched
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
     account: Mapped[Account] = relationship(foreign_keys=[account_id], lazy="joined")
@@ -228,7 +260,10 @@ class Transfer(Base):
 
 class Outbox(Base):
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_due", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_outbox_due", "status", "next_attempt_at"),
+        Index("ix_outbox_message_pk", "message_pk"),  # `trace`: the jobs of one message
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     kind: Mapped[str] = mapped_column(String(10))
@@ -245,10 +280,61 @@ class Outbox(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     deadline: Mapped[datetime] = mapped_column(UTCDateTime())
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The instance (process incarnation) holding the claim: its heartbeat decides when a
+    # claim of a dead process comes back, and finishing is fenced on it.
+    claimed_by: Mapped[str | None] = mapped_column(String(32))
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
 
     account: Mapped[Account] = relationship(lazy="joined")
+
+
+class Instance(Base):
+    """One incarnation of a process that claims work (a daemon, or a CLI flush).
+
+    ``name`` is stable across restarts of the same daemon (host and state directory, or
+    ``daemon.instance_name``); ``id`` is new at every start.  A new incarnation retires
+    its name's older ones at once, so their claims are not left to run out.
+    """
+
+    __tablename__ = "instances"
+    __table_args__ = (Index("ix_instances_name", "name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(300))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Lease(Base):
+    """Work only one instance may do at a time (watching one IMAP mailbox): held by an
+    instance until ``expires_at``, renewed while it is healthy."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(600), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(32))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class OutboxAttempt(Base):
+    """One delivery attempt of an outbox job, with the server's reply: `trace` reads these."""
+
+    __tablename__ = "outbox_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    outbox_id: Mapped[int] = mapped_column(ForeignKey("outbox.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)  # 1 for the first try
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(10))  # AttemptStatus
+    relay: Mapped[str] = mapped_column(String(400))  # maildir, pickup, smtp:host:port, …
+    dsn: Mapped[str | None] = mapped_column(String(16))  # enhanced status code, e.g. 4.7.1
+    reply: Mapped[str | None] = mapped_column(Text)  # the server's reply, or our error
 
 
 class ImapState(Base):
@@ -259,6 +345,64 @@ class ImapState(Base):
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # The end of the watcher's last complete catch-up (even one that found nothing new).
+    last_sync_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AgentAccount(Base):
+    """An account an agent belongs to (an agent sees what these accounts own)."""
+
+    __tablename__ = "agent_accounts"
+
+    agent_id: Mapped[int] = mapped_column(
+        ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True
+    )
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+
+
+class Agent(Base):
+    """A person (or script) using the HTTP API or the desk.
+
+    Only hashes are stored.  A token is ``mrt_<token_id>_<secret>``: ``token_id`` is not
+    secret and finds the row, ``token_hash`` checks the secret.  Rotating replaces both.
+    """
+
+    __tablename__ = "agents"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    token_id: Mapped[str] = mapped_column(String(32), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(300))
+    password_hash: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    token_rotated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    password_set_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    accounts: Mapped[list[Account]] = relationship(
+        secondary="agent_accounts", lazy="selectin", order_by=Account.name
+    )
+
+
+class IdempotencyKey(Base):
+    """An API reply's ``Idempotency-Key`` with its outcome, written in the reply's transaction.
+
+    A retried request with the same key (same agent) finds the row and gets the same
+    answer instead of sending again; ``request_hash`` tells a retry from a different
+    request that reuses the key.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("agent", "key", name="uq_idempotency_keys_agent_key"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    agent: Mapped[str] = mapped_column(String(200))
+    key: Mapped[str] = mapped_column(String(200))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    interaction_id: Mapped[int] = mapped_column(ForeignKey("interactions.id"))
+    message_id: Mapped[str] = mapped_column(String(998))
+    outbox_id: Mapped[int] = mapped_column(ForeignKey("outbox.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 # Plain tables for Core statements on the ingest hot path (see pipeline.add_message).
@@ -267,3 +411,6 @@ MESSAGES = cast(Table, Message.__table__)
 MESSAGE_REFS = cast(Table, MessageRef.__table__)
 MESSAGE_RECIPIENTS = cast(Table, MessageRecipient.__table__)
 OUTBOX = cast(Table, Outbox.__table__)
+INSTANCES = cast(Table, Instance.__table__)
+LEASES = cast(Table, Lease.__table__)
+OUTBOX_ATTEMPTS = cast(Table, OutboxAttempt.__table__)

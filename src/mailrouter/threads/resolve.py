@@ -80,6 +80,10 @@ class Facts:
         self.refused: list[str] = []
         self._participant: dict[int, bool] = {}
 
+    def lookup(self, ids: Sequence[str]) -> dict[str, int]:
+        """Stored messages with these Message-IDs → their interaction (one more query)."""
+        return self._index.interactions_of(ids)
+
     @cached_property
     def referenced(self) -> dict[str, int]:
         return self._index.interactions_referencing([*self.msg.parents, self.msg.message_id])
@@ -126,6 +130,21 @@ class ThreadRule(Protocol):
     description: str
 
     def check(self, facts: Facts) -> Resolution | None: ...
+
+
+class BounceOf:
+    name = "bounce-of"
+    description = "a bounce (DSN) of a stored message, one of our notices or replies"
+
+    def check(self, facts: Facts) -> Resolution | None:
+        bounce = facts.msg.bounce
+        if bounce is None or bounce.original_message_id is None:
+            return None
+        mid = bounce.original_message_id
+        # Our own outbound Message-IDs are random, so a report naming one was sent by
+        # whoever received that message: a strong signal, though it comes from a robot.
+        found = facts.lookup([mid]).get(mid)
+        return Resolution(found, self.name, mid) if found is not None else None
 
 
 class KnownMessage:
@@ -216,6 +235,7 @@ class ReferencedBy:
 
 
 RULES: tuple[ThreadRule, ...] = (
+    BounceOf(),
     KnownMessage(),
     InReplyTo(),
     References(),

@@ -1,0 +1,60 @@
+"""Leases on SQLite and PostgreSQL: one holder at a time, taken over once expired."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from helpers import make_settings, pipeline
+from mailrouter.runtime import Runtime
+from mailrouter.store import leases
+from mailrouter.store.models import utcnow
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def rt(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Runtime]:
+    settings = make_settings(tmp_path)
+    if request.param == "postgres":
+        from sqlalchemy import create_engine, text
+
+        url = request.getfixturevalue("postgres_url")
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        engine.dispose()
+        settings = settings.with_(database_url=url)
+    with pipeline(settings) as runtime:
+        yield runtime
+
+
+def test_a_held_lease_is_refused_to_others_and_renewed_by_its_holder(rt: Runtime) -> None:
+    """Only the holder renews; another instance is refused until it expires."""
+    now = utcnow()
+    with rt.db.write() as s:
+        assert leases.acquire(s, "imap:sales:INBOX", "a", now, 10)
+        assert not leases.acquire(s, "imap:sales:INBOX", "b", now, 10)
+        assert leases.acquire(s, "imap:sales:INBOX", "a", now, 10)  # its own again
+        assert leases.renew(s, "imap:sales:INBOX", "a", now, 10)
+        assert not leases.renew(s, "imap:sales:INBOX", "b", now, 10)
+        assert leases.holder_of(s, "imap:sales:INBOX", now) == "a"
+
+
+def test_an_expired_lease_goes_to_the_next_instance_and_the_old_holder_loses_it(
+    rt: Runtime,
+) -> None:
+    """The holder died (stopped renewing): after the TTL another takes it; the old holder
+    finds out on its next renewal."""
+    now = utcnow()
+    with rt.db.write() as s:
+        assert leases.acquire(s, "imap:sales:INBOX", "a", now, 10)
+    later = now + timedelta(seconds=11)
+    with rt.db.write() as s:
+        assert leases.acquire(s, "imap:sales:INBOX", "b", later, 10)
+        assert not leases.renew(s, "imap:sales:INBOX", "a", later, 10)
+        leases.release(s, "imap:sales:INBOX", "a")  # not its own: changes nothing
+        assert leases.holder_of(s, "imap:sales:INBOX", later) == "b"
+        leases.release(s, "imap:sales:INBOX", "b")
+        assert leases.holder_of(s, "imap:sales:INBOX", later) is None
