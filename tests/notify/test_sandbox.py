@@ -231,3 +231,23 @@ def test_a_render_process_that_cannot_start_is_a_template_error(
 
     monkeypatch.setattr(BaseProcess, "start", refuse)
     refused(tmp_path, "hi\n", "cannot start the render process: .*Resource temporarily")
+
+
+def test_a_render_still_runs_where_setrlimit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A seccomp filter refusing setrlimit (our hardened unit's ~@resources) must not make
+    every notice fail: the child's own limits are skipped and named, the render goes on."""
+    import resource
+    import signal
+
+    from mailrouter.notify import templates
+
+    def refuse(which: int, limits: tuple[int, int]) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    alarms: list[int] = []
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    monkeypatch.setattr(signal, "alarm", alarms.append)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    assert set(templates._limit_self(QUICK)) <= {"cpu", "memory"}
+    assert "cpu" in templates._limit_self(QUICK)
+    assert alarms  # the wall-clock alarm is still set

@@ -374,17 +374,30 @@ def _vm_size() -> int | None:
         return None
 
 
-def _limit_self(limits: RenderLimits) -> None:
+def _limit_self(limits: RenderLimits) -> list[str]:
     """Bounds the render process sets on itself, so they hold even if its parent dies:
-    CPU seconds (then SIGXCPU), a wall-clock alarm (SIGALRM) and how far it may grow."""
+    CPU seconds (then SIGXCPU), a wall-clock alarm (SIGALRM) and how far it may grow.
+
+    Returns the limits that could not be set.  A seccomp filter may refuse setrlimit
+    (systemd's ``SystemCallFilter=~@resources`` with ``SystemCallErrorNumber=EPERM``):
+    the render still runs, bounded by the parent's kill at the time limit and by the
+    output limit, rather than every notice failing.
+    """
+    missing: list[str] = []
     seconds = math.ceil(limits.timeout) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds + 1))
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.alarm(seconds + 1)
+    wanted = [(resource.RLIMIT_CPU, "cpu", seconds, seconds + 1)]
     size = _vm_size()
     if size is not None:
         cap_bytes = size + limits.memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
+        wanted.append((resource.RLIMIT_AS, "memory", cap_bytes, cap_bytes))
+    for which, name, soft, hard in wanted:
+        try:
+            resource.setrlimit(which, (soft, hard))
+        except (OSError, ValueError):
+            missing.append(name)
+    return missing
 
 
 def _render_child(
