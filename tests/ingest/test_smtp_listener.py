@@ -149,14 +149,15 @@ async def test_partial_recipients_accepts_accounts_and_refuses_others(daemon: Da
     assert _stored(s) == 1
 
 
-async def test_oversized_message_refused_552(daemon: Daemon) -> None:
-    """Mail larger than smtp.max_message_size is refused with 552 and not stored."""
+async def test_oversized_message_refused_552_5_3_4(daemon: Daemon) -> None:
+    """Mail larger than smtp.max_message_size is refused with 552 5.3.4, not stored."""
     s = daemon.settings
     big = MESSAGE + (b"x" * 76 + b"\r\n") * (s.smtp.max_message_size // 77 + 10)
     # smtplib announces SIZE=, so the refusal comes at MAIL FROM already...
     with pytest.raises(smtplib.SMTPSenderRefused) as early:
         await asyncio.to_thread(_send, s.smtp.port, ["sales@example.test"], big)
     assert early.value.smtp_code == 552
+    assert early.value.smtp_error == b"5.3.4 Message too big for system"
 
     # ...and a client that does not announce it is refused after DATA.
     def without_size() -> tuple[int, bytes]:
@@ -167,7 +168,7 @@ async def test_oversized_message_refused_552(daemon: Daemon) -> None:
             return c.data(big)
 
     code, text = await asyncio.to_thread(without_size)
-    assert code == 552, text
+    assert (code, text) == (552, b"5.3.4 Message too big for system")
     assert _stored(s) == 0
 
 

@@ -3,8 +3,9 @@
 A recipient must be a configured account (550 otherwise: never an open relay).  ``250``
 is sent only after :meth:`Pipeline.accept` has committed; a store failure, or any other
 internal error, answers ``451 4.3.0`` so the sending MTA keeps the mail and retries —
-aiosmtpd's default would answer 500 and make the sender bounce it.  The servers run in
-the daemon's own event loop (no threaded ``Controller``).
+aiosmtpd's default would answer 500 and make the sender bounce it.  Every reply carries an
+RFC 3463 enhanced status code (:mod:`mailrouter.ingest.replies`).  The servers run in the
+daemon's own event loop (no threaded ``Controller``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from mailrouter.config import AccountSettings, ListenerSettings, Settings
+from mailrouter.ingest.replies import (
+    AUTH_NOT_ENABLED,
+    MAIL_OK,
+    RCPT_OK,
+    TEMPFAIL,
+    TOO_MANY_CONNECTIONS,
+    enhance,
+    not_an_account,
+)
 from mailrouter.log import event
 from mailrouter.net import is_loopback
 from mailrouter.pipeline import Pipeline, StoreUnavailable
@@ -29,8 +39,6 @@ __all__ = ["IngestHandler", "LMTPServer", "Listener", "SMTPServer", "start_liste
 
 log = logging.getLogger("mailrouter.ingest")
 
-TEMPFAIL = "451 4.3.0 Temporary failure storing the message; try again later"
-
 
 class IngestHandler:
     """aiosmtpd hooks for both protocols; ``lmtp`` changes only the reply after DATA."""
@@ -38,15 +46,44 @@ class IngestHandler:
     def __init__(
         self,
         pipeline: Pipeline,
+        listener: ListenerSettings,
         *,
         lmtp: bool = False,
         on_accepted: Callable[[], None] | None = None,
     ) -> None:
         self.p = pipeline
         self.settings: Settings = pipeline.settings
+        self.listener = listener
         self.lmtp = lmtp
         self.on_accepted = on_accepted
         self.proto = "lmtp" if lmtp else "smtp"
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """EHLO and LHLO: announce enhanced codes (RFC 2034), and AUTH only with users."""
+        session.host_name = hostname  # aiosmtpd leaves this to a handle_EHLO hook
+        if not self.listener.auth_users:
+            responses = [r for r in responses if not r[4:].startswith("AUTH")]
+        return [*responses[:-1], "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        # What aiosmtpd does without a hook, answered with the sender's status code (2.1.0).
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return MAIL_OK
 
     async def handle_RCPT(
         self,
@@ -66,9 +103,9 @@ class IngestHandler:
                 rcpt=address,
                 code=550,
             )
-            return f"550 5.1.1 <{address}>: Recipient address rejected: not a mailrouter account"
+            return not_an_account(address)
         envelope.rcpt_tos.append(address)
-        return "250 2.1.5 OK"
+        return RCPT_OK
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         accounts: list[AccountSettings] = []
@@ -105,30 +142,55 @@ class IngestHandler:
         return TEMPFAIL
 
 
-class _TellsListener(asyncio.Protocol):
-    """Tells the listener when a session ends, so the connection cap and drain know."""
+class _Server(SMTP):
+    """aiosmtpd's session with enhanced codes on its own replies, telling the listener when
+    it ends (connection cap, drain)."""
 
     on_close: Callable[[], None] | None = None
+
+    def __init__(self, handler: IngestHandler, **kw: Any) -> None:
+        super().__init__(handler, **kw)
+        self.offers_auth = bool(handler.listener.auth_users)
+        self.command: str | None = None  # set where a reply's text alone is ambiguous
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
             super().connection_lost(error)
         finally:
-            _closed(self)
+            callback, self.on_close = self.on_close, None
+            if callback is not None:
+                callback()
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, bytes):  # an AUTH challenge
+            await super().push(status)
+            return
+        await super().push(
+            "\r\n".join(enhance(line, self.command) for line in status.split("\r\n"))
+        )
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self.command = "MAIL"
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self.command = None
+
+    @syntax("AUTH <mechanism>", when="offers_auth")
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not self.offers_auth:
+            await self.push(AUTH_NOT_ENABLED)
+            return
+        await super().smtp_AUTH(arg)
 
 
-class SMTPServer(_TellsListener, SMTP):
-    """aiosmtpd's SMTP, telling the listener when its session ends (connection cap)."""
+class SMTPServer(_Server):
+    """An SMTP session of the listener."""
 
 
-class LMTPServer(_TellsListener, LMTP):
+class LMTPServer(_Server, LMTP):
     """aiosmtpd's LMTP with the handler's per-recipient DATA replies (see IngestHandler)."""
-
-
-def _closed(server: _TellsListener) -> None:
-    callback, server.on_close = server.on_close, None
-    if callback is not None:
-        callback()
 
 
 class _Busy(asyncio.Protocol):
@@ -136,7 +198,7 @@ class _Busy(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(b"421 4.3.2 Too many connections, try again later\r\n")
+        transport.write(TOO_MANY_CONNECTIONS.encode() + b"\r\n")
         transport.close()
 
 
@@ -192,7 +254,7 @@ async def start_listener(
     on_accepted: Callable[[], None] | None = None,
 ) -> Listener:
     """Bind and start serving; :meth:`Listener.drain` stops it gracefully."""
-    handler = IngestHandler(pipeline, lmtp=lmtp, on_accepted=on_accepted)
+    handler = IngestHandler(pipeline, listener, lmtp=lmtp, on_accepted=on_accepted)
     tls = _tls_context(listener)
     loopback = is_loopback(listener.host)
     cls: type[SMTPServer] | type[LMTPServer] = LMTPServer if lmtp else SMTPServer
