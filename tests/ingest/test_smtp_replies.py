@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiosmtpd.lmtp
 import aiosmtpd.smtp
-from listener_kit import ENHANCED, listener_settings, raw_session, running, stored
+from listener_kit import ENHANCED, listener_settings, message, raw_session, running, stored
 
 from mailrouter.ingest.replies import enhance
 
@@ -106,6 +106,29 @@ async def test_every_refusal_from_the_listener_carries_an_enhanced_code(tmp_path
     assert replies["MAIL FROM:<<carol>"] == ["553 5.1.7 Error: malformed sender address"]
     assert replies["RCPT TO:<stranger@elsewhere.test>"][0].startswith("550 5.1.1 ")
     assert replies["QUIT"] == ["221 2.0.0 Bye"]
+    assert stored(s) == []
+
+
+async def test_lmtp_refusals_carry_codes_and_oversized_data_gets_552_per_recipient(
+    tmp_path: Path,
+) -> None:
+    """LMTP: HELO/EHLO are refused with a code, and a message over the size limit gets one
+    552 5.3.4 per accepted recipient (RFC 2033), so the client stays in step."""
+    s = listener_settings(tmp_path, max_message_size=2000)
+    async with running(s), raw_session(s.lmtp.port) as c:
+        assert await c.cmd("HELO mta.example.test") == (
+            '500 5.5.2 Error: command "HELO" not recognized'
+        )
+        assert (await c.cmd("LHLO mta.example.test")).startswith("250 ")
+        assert (await c.cmd("MAIL FROM:<carol@customer.test>")).startswith("250 2.1.0")
+        for rcpt in ("sales@example.test", "support@example.test"):
+            assert (await c.cmd(f"RCPT TO:<{rcpt}>")).startswith("250 2.1.5")
+        assert (await c.cmd("DATA")).startswith("354")
+        c.send(message("big@customer.test", b"x" * 76 + b"\r\n") * 30 + b".\r\n")
+        assert [(await c.reply())[-1] for _ in range(2)] == [
+            "552 5.3.4 Message too big for system"
+        ] * 2
+        assert (await c.cmd("NOOP")) == "250 2.0.0 OK"  # in step: the next reply is NOOP's
     assert stored(s) == []
 
 

@@ -11,12 +11,13 @@ daemon's own event loop (no threaded ``Controller``).
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import ssl
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
@@ -27,6 +28,7 @@ from mailrouter.ingest.replies import (
     MAIL_OK,
     RCPT_OK,
     TEMPFAIL,
+    TOO_BIG,
     TOO_MANY_CONNECTIONS,
     enhance,
     not_an_account,
@@ -41,7 +43,7 @@ log = logging.getLogger("mailrouter.ingest")
 
 
 class IngestHandler:
-    """aiosmtpd hooks for both protocols; ``lmtp`` changes only the reply after DATA."""
+    """aiosmtpd hooks for both protocols: announce, check recipients, persist, answer."""
 
     def __init__(
         self,
@@ -54,7 +56,6 @@ class IngestHandler:
         self.p = pipeline
         self.settings: Settings = pipeline.settings
         self.listener = listener
-        self.lmtp = lmtp
         self.on_accepted = on_accepted
         self.proto = "lmtp" if lmtp else "smtp"
 
@@ -108,6 +109,7 @@ class IngestHandler:
         return RCPT_OK
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        """Persist, then answer: one status (the LMTP server repeats it per recipient)."""
         accounts: list[AccountSettings] = []
         for rcpt in envelope.rcpt_tos:
             acc = self.settings.account_for_address(rcpt)
@@ -123,19 +125,11 @@ class IngestHandler:
             )
         except StoreUnavailable as exc:
             event(log, "tempfail", logging.ERROR, proto=self.proto, error=str(exc))
-            return self._per_recipient(envelope, TEMPFAIL)
+            return TEMPFAIL
         if self.on_accepted is not None:
             self.on_accepted()
         d = result.decision
-        status = f"250 2.0.0 OK {d.action} interaction={result.interaction_id or '-'}"
-        return self._per_recipient(envelope, status)
-
-    def _per_recipient(self, envelope: Envelope, status: str) -> str:
-        if not self.lmtp:
-            return status
-        # RFC 2033 §4.2: one reply per accepted recipient after DATA.  aiosmtpd's LMTP
-        # sends a single one (aiosmtpd #517); the lines pushed here are the replies.
-        return "\r\n".join(status for _ in envelope.rcpt_tos)
+        return f"250 2.0.0 OK {d.action} interaction={result.interaction_id or '-'}"
 
     async def handle_exception(self, error: Exception) -> str:
         event(log, "internal-error", logging.ERROR, exc_info=error, proto=self.proto)
@@ -143,15 +137,21 @@ class IngestHandler:
 
 
 class _Server(SMTP):
-    """aiosmtpd's session with enhanced codes on its own replies, telling the listener when
-    it ends (connection cap, drain)."""
+    """aiosmtpd's session with enhanced codes on its own replies and our own DATA, telling
+    the listener when it ends (connection cap, drain)."""
 
     on_close: Callable[[], None] | None = None
+    # RFC 2033 §4.2: LMTP answers DATA once per accepted recipient.
+    per_recipient: ClassVar[bool] = False
 
     def __init__(self, handler: IngestHandler, **kw: Any) -> None:
         super().__init__(handler, **kw)
+        self.proto = handler.proto
         self.offers_auth = bool(handler.listener.auth_users)
         self.command: str | None = None  # set where a reply's text alone is ambiguous
+        self.in_data = False  # from an accepted DATA command until its reply is sent
+        self.receiving = False  # ... and of that, while the client is sending the message
+        self.last_input = 0.0
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
@@ -184,13 +184,110 @@ class _Server(SMTP):
             return
         await super().smtp_AUTH(arg)
 
+    # ------------------------------------------------------------------ timeout
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd re-arms the timer only when a command arrives.  A message still flowing
+        # in is not idle, and while we store one it is our turn, not the client's.
+        if self.in_data:
+            waited = self.loop.time() - self.last_input
+            if not self.receiving:
+                self._reset_timeout()
+                return
+            if waited < self._timeout_duration:
+                self._reset_timeout(self._timeout_duration - waited)
+                return
+        if self.transport is not None:  # what aiosmtpd does: connection_lost cleans up
+            self.transport.close()
+
+    # ------------------------------------------------------------------ DATA
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd's checks, then our own reading of the message (see _receive).
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        replies = len(self.envelope.rcpt_tos) if self.per_recipient else 1
+        self.in_data = True
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            content = await self._receive()
+            if content is None:
+                proto, limit = self.proto, self.data_size_limit
+                peer = self.session.peer[0] if self.session and self.session.peer else None
+                event(log, "reject", logging.INFO, proto=proto, peer=peer, code=552, limit=limit)
+                status = TOO_BIG
+            else:
+                self.envelope.content = self.envelope.original_content = content
+                del content  # the envelope's is the only copy
+                status = await self._call_handler_hook("DATA")
+            self.envelope = self._create_envelope()  # aiosmtpd's post-DATA state
+            await self.push("\r\n".join([status] * replies))
+        finally:
+            self.in_data = False
+
+    async def _receive(self) -> bytes | None:
+        """The message up to the final dot, dot-unstuffed (RFC 5321 §4.5.2); None if over
+        the size limit (read to its end all the same, so the session stays in step).
+
+        Lines end at CRLF only, as in aiosmtpd >= 1.4.5: a bare LF or CR is data, so
+        ``\\n.\\n`` or ``\\r.\\n`` never ends the message (SMTP smuggling).  A line longer
+        than the reader's 1001-byte limit is kept, in pieces, rather than refused: RFC 5321
+        §4.5.3.1 asks receivers to accept what they can, and size is the limit that counts.
+        The message grows in one buffer whose bytes become the result without a copy;
+        aiosmtpd's DATA keeps a bytearray per line and joins them, ~4x the message size.
+        """
+        limit = self.data_size_limit
+        buf: io.BytesIO | None = io.BytesIO()
+        size = 0
+        line_start = True
+        self.receiving = True
+        self.last_input = self.loop.time()
+        try:
+            while True:
+                try:
+                    chunk = await self._reader.readuntil(b"\r\n")
+                except asyncio.LimitOverrunError as exc:
+                    # The reader leaves a CR at the end of its buffer in place, so a CRLF
+                    # is never split between two pieces.
+                    chunk = await self._reader.read(exc.consumed)
+                self.last_input = self.loop.time()
+                if line_start and chunk == b".\r\n":
+                    break
+                size += len(chunk)
+                if buf is not None:
+                    if limit and size > limit:
+                        buf.close()
+                        buf = None  # nothing more is kept
+                    elif line_start and chunk.startswith(b"."):
+                        buf.write(memoryview(chunk)[1:])
+                    else:
+                        buf.write(chunk)
+                line_start = chunk.endswith(b"\r\n")
+        finally:
+            self.receiving = False
+        if buf is None:
+            return None
+        content = buf.getvalue()
+        buf.close()
+        return content
+
 
 class SMTPServer(_Server):
     """An SMTP session of the listener."""
 
 
 class LMTPServer(_Server, LMTP):
-    """aiosmtpd's LMTP with the handler's per-recipient DATA replies (see IngestHandler)."""
+    """An LMTP session: one reply per recipient after DATA (aiosmtpd #517 sends one)."""
+
+    per_recipient = True
 
 
 class _Busy(asyncio.Protocol):
