@@ -78,6 +78,7 @@ PROBES = [
     "RCPT TO:<sales@example.test> FROB=1",
     "RCPT TO:<stranger@elsewhere.test>",
     "RCPT TO:<sales@example.test>",
+    "RCPT TO:<support@example.test>",  # over max_recipients = 1
     "DATA now",
     "RSET x",
     "RSET",
@@ -89,7 +90,7 @@ PROBES = [
 async def test_every_refusal_from_the_listener_carries_an_enhanced_code(tmp_path: Path) -> None:
     """A session provoking every refusal it can: each reply line but the exempt ones
     (greeting, EHLO, 354) starts with an RFC 3463 code; 552 says 5.3.4."""
-    s = listener_settings(tmp_path)
+    s = listener_settings(tmp_path, max_recipients=1, hard_error_limit=100)
     replies: dict[str, list[str]] = {}
     async with running(s), raw_session(s.smtp.port) as c:
         for probe in PROBES:
@@ -104,6 +105,7 @@ async def test_every_refusal_from_the_listener_carries_an_enhanced_code(tmp_path
     assert not missing, missing
     assert replies[OVER_SIZE] == ["552 5.3.4 Message too big for system"]
     assert replies["MAIL FROM:<<carol>"] == ["553 5.1.7 Error: malformed sender address"]
+    assert replies["RCPT TO:<support@example.test>"] == ["452 4.5.3 Error: too many recipients"]
     assert replies["RCPT TO:<stranger@elsewhere.test>"][0].startswith("550 5.1.1 ")
     assert replies["QUIT"] == ["221 2.0.0 Bye"]
     assert stored(s) == []

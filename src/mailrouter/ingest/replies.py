@@ -15,12 +15,17 @@ import re
 __all__ = [
     "AUTH_NOT_ENABLED",
     "BYE",
+    "IDLE_TIMEOUT",
     "MAIL_OK",
     "OK",
     "RCPT_OK",
     "TEMPFAIL",
     "TOO_BIG",
     "TOO_MANY_CONNECTIONS",
+    "TOO_MANY_ERRORS",
+    "TOO_MANY_FROM_CLIENT",
+    "TOO_MANY_RECIPIENTS",
+    "counts_as_error",
     "enhance",
     "has_enhanced_code",
     "not_an_account",
@@ -34,9 +39,13 @@ BYE = "221 2.0.0 Bye"
 # keeps it and retries.  Never a 5xx for our own trouble: that would bounce the mail.
 TEMPFAIL = "451 4.3.0 Temporary failure storing the message; try again later"
 TOO_BIG = "552 5.3.4 Message too big for system"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
 AUTH_NOT_ENABLED = "503 5.5.1 Error: authentication not enabled"
 # 421 closes the session (RFC 5321 §3.8); the client keeps its mail and tries again.
 TOO_MANY_CONNECTIONS = "421 4.3.2 Too many connections, try again later"
+TOO_MANY_FROM_CLIENT = "421 4.7.0 Error: too many connections from your address"
+TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors"
+IDLE_TIMEOUT = "421 4.4.2 Error: timeout exceeded"
 
 
 def not_an_account(address: str) -> str:
@@ -119,3 +128,12 @@ def enhance(line: str, command: str | None = None) -> str:
     if m is not None and m.group(1) in "45":
         return f"{line[:4]}{m.group(1)}.0.0 {line[4:]}"
     return line
+
+
+def counts_as_error(line: str) -> bool:
+    """Whether a reply counts towards ``hard_error_limit``: a refusal the client caused.
+
+    Our own trouble (``451``) is not the client's error, and ``421`` ends the session anyway.
+    """
+    code = line[:3]
+    return code[:1] == "5" or (code[:1] == "4" and code not in ("421", "451"))

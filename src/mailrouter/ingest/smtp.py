@@ -6,6 +6,10 @@ internal error, answers ``451 4.3.0`` so the sending MTA keeps the mail and retr
 aiosmtpd's default would answer 500 and make the sender bounce it.  Every reply carries an
 RFC 3463 enhanced status code (:mod:`mailrouter.ingest.replies`).  The servers run in the
 daemon's own event loop (no threaded ``Controller``).
+
+Around aiosmtpd's session the listener adds what an MTA facing the network needs: caps on
+sessions in total and per client address, an idle timeout, a recipients-per-message limit
+and a limit on refusals per session.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import io
 import logging
 import ssl
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,11 +30,16 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, sy
 from mailrouter.config import AccountSettings, ListenerSettings, Settings
 from mailrouter.ingest.replies import (
     AUTH_NOT_ENABLED,
+    IDLE_TIMEOUT,
     MAIL_OK,
     RCPT_OK,
     TEMPFAIL,
     TOO_BIG,
     TOO_MANY_CONNECTIONS,
+    TOO_MANY_ERRORS,
+    TOO_MANY_FROM_CLIENT,
+    TOO_MANY_RECIPIENTS,
+    counts_as_error,
     enhance,
     not_an_account,
 )
@@ -94,19 +104,18 @@ class IngestHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        if len(envelope.rcpt_tos) >= self.listener.max_recipients:
+            self._reject(session, address, 452)
+            return TOO_MANY_RECIPIENTS
         if self.settings.account_for_address(address) is None:
-            event(
-                log,
-                "reject",
-                logging.INFO,
-                proto=self.proto,
-                peer=session.peer[0] if session.peer else None,
-                rcpt=address,
-                code=550,
-            )
+            self._reject(session, address, 550)
             return not_an_account(address)
         envelope.rcpt_tos.append(address)
         return RCPT_OK
+
+    def _reject(self, session: Session, address: str, code: int) -> None:
+        peer = session.peer[0] if session.peer else None
+        event(log, "reject", logging.INFO, proto=self.proto, peer=peer, rcpt=address, code=code)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         """Persist, then answer: one status (the LMTP server repeats it per recipient)."""
@@ -136,38 +145,134 @@ class IngestHandler:
         return TEMPFAIL
 
 
-class _Server(SMTP):
-    """aiosmtpd's session with enhanced codes on its own replies and our own DATA, telling
-    the listener when it ends (connection cap, drain)."""
+class _Sessions:
+    """The open sessions of one listener and the caps they share."""
 
-    on_close: Callable[[], None] | None = None
+    def __init__(self, settings: ListenerSettings, proto: str) -> None:
+        self.settings = settings
+        self.proto = proto
+        self.open: set[_Server] = set()
+        self.per_client: Counter[str] = Counter()
+        self.idle = asyncio.Event()  # set while no session is open
+        self.idle.set()
+
+    def refusal(self, client: str) -> str | None:
+        """Why a new connection from ``client`` is not admitted, or None."""
+        # Each session may hold up to max_message_size bytes during DATA: capping the
+        # sessions caps the memory, like Postfix's smtpd process limit.
+        if len(self.open) >= self.settings.max_connections:
+            return TOO_MANY_CONNECTIONS
+        if self.per_client[client] >= self.settings.max_connections_per_client:
+            return TOO_MANY_FROM_CLIENT
+        return None
+
+    def add(self, server: _Server) -> None:
+        self.open.add(server)
+        self.per_client[server.client] += 1
+        self.idle.clear()
+
+    def discard(self, server: _Server) -> None:
+        if server not in self.open:
+            return
+        self.open.discard(server)
+        self.per_client[server.client] -= 1
+        if self.per_client[server.client] <= 0:
+            del self.per_client[server.client]
+        if not self.open:
+            self.idle.set()
+
+
+class _Door(asyncio.Protocol):
+    """Admits a new connection into a session, or answers 421 and hangs up (RFC 5321 §3.8).
+
+    The decision needs the client's address, which a protocol factory is not given; the
+    door learns it in ``connection_made`` and hands the transport on to the session.
+    """
+
+    def __init__(self, sessions: _Sessions, make: Callable[[str], _Server]) -> None:
+        self.sessions = sessions
+        self.make = make
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if peer else "-"
+        refusal = self.sessions.refusal(client)
+        if refusal is None:
+            server = self.make(client)
+            self.sessions.add(server)
+            transport.set_protocol(server)
+            server.connection_made(transport)
+            return
+        event(
+            log,
+            "busy",
+            logging.WARNING,
+            proto=self.sessions.proto,
+            peer=client,
+            active=len(self.sessions.open),
+            from_client=self.sessions.per_client[client],
+            reply=refusal[:9],
+        )
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(refusal.encode() + b"\r\n")
+        transport.close()
+
+
+class _Server(SMTP):
+    """aiosmtpd's session with the listener's limits, enhanced codes and DATA."""
+
     # RFC 2033 §4.2: LMTP answers DATA once per accepted recipient.
     per_recipient: ClassVar[bool] = False
 
-    def __init__(self, handler: IngestHandler, **kw: Any) -> None:
+    def __init__(self, handler: IngestHandler, sessions: _Sessions, client: str, **kw: Any):
         super().__init__(handler, **kw)
-        self.proto = handler.proto
-        self.offers_auth = bool(handler.listener.auth_users)
-        self.command: str | None = None  # set where a reply's text alone is ambiguous
+        self.sessions = sessions
+        self.client = client
+        self.offers_auth = bool(sessions.settings.auth_users)
+        self.errors = 0
         self.in_data = False  # from an accepted DATA command until its reply is sent
         self.receiving = False  # ... and of that, while the client is sending the message
         self.last_input = 0.0
+        self.command: str | None = None  # set where a reply's text alone is ambiguous
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
             super().connection_lost(error)
         finally:
-            callback, self.on_close = self.on_close, None
-            if callback is not None:
-                callback()
+            self.sessions.discard(self)
+
+    # ------------------------------------------------------------------ replies
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, bytes):  # an AUTH challenge
             await super().push(status)
             return
-        await super().push(
-            "\r\n".join(enhance(line, self.command) for line in status.split("\r\n"))
-        )
+        lines = [enhance(line, self.command) for line in status.split("\r\n")]
+        await super().push("\r\n".join(lines))
+        if counts_as_error(lines[0]):
+            self.errors += 1
+            if self.errors >= self.sessions.settings.hard_error_limit:
+                proto, peer = self.sessions.proto, self.client
+                event(
+                    log, "error-limit", logging.WARNING, proto=proto, peer=peer, errors=self.errors
+                )
+                await self._hang_up(TOO_MANY_ERRORS)
+
+    def close_with(self, reply: str) -> None:
+        """Send ``reply`` (a 421), close the connection and end the command loop."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._writer.write(reply.encode() + b"\r\n")
+        self.transport.close()
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+
+    async def _hang_up(self, reply: str) -> None:
+        """:meth:`close_with` from inside a command: not one more command is read."""
+        self.close_with(reply)
+        await asyncio.sleep(0)  # the cancellation of this very loop is raised here
+
+    # ------------------------------------------------------------------ commands
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -197,8 +302,8 @@ class _Server(SMTP):
             if waited < self._timeout_duration:
                 self._reset_timeout(self._timeout_duration - waited)
                 return
-        if self.transport is not None:  # what aiosmtpd does: connection_lost cleans up
-            self.transport.close()
+        event(log, "idle-timeout", logging.INFO, proto=self.sessions.proto, peer=self.client)
+        self.close_with(IDLE_TIMEOUT)
 
     # ------------------------------------------------------------------ DATA
 
@@ -220,8 +325,7 @@ class _Server(SMTP):
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             content = await self._receive()
             if content is None:
-                proto, limit = self.proto, self.data_size_limit
-                peer = self.session.peer[0] if self.session and self.session.peer else None
+                proto, peer, limit = self.sessions.proto, self.client, self.data_size_limit
                 event(log, "reject", logging.INFO, proto=proto, peer=peer, code=552, limit=limit)
                 status = TOO_BIG
             else:
@@ -290,15 +394,6 @@ class LMTPServer(_Server, LMTP):
     per_recipient = True
 
 
-class _Busy(asyncio.Protocol):
-    """Answers a connection over the cap with 421 and hangs up (RFC 5321 §3.8)."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(TOO_MANY_CONNECTIONS.encode() + b"\r\n")
-        transport.close()
-
-
 class _Authenticator:
     def __init__(self, listener: ListenerSettings) -> None:
         self.users = listener.auth_users
@@ -327,18 +422,17 @@ class Listener:
     """A bound listener and a way to wait for the sessions it still serves."""
 
     server: asyncio.Server
-    sessions: set[SMTPServer | LMTPServer]
-    idle: asyncio.Event  # set while no session is open
+    sessions: _Sessions
 
     async def drain(self) -> None:
         """Stop accepting, then wait until every open session has ended."""
         self.server.close()
-        await self.idle.wait()
+        await self.sessions.idle.wait()
 
     def abort(self) -> None:
         """Hang up on sessions still open (after the drain timeout).  Nothing they sent
         was acknowledged, so their clients keep the mail and retry."""
-        for session in list(self.sessions):
+        for session in list(self.sessions.open):
             if session.transport is not None:
                 session.transport.close()
 
@@ -354,60 +448,38 @@ async def start_listener(
     handler = IngestHandler(pipeline, listener, lmtp=lmtp, on_accepted=on_accepted)
     tls = _tls_context(listener)
     loopback = is_loopback(listener.host)
-    cls: type[SMTPServer] | type[LMTPServer] = LMTPServer if lmtp else SMTPServer
-    sessions: set[SMTPServer | LMTPServer] = set()
-    idle = asyncio.Event()
-    idle.set()
-
-    def protocol() -> asyncio.Protocol:
-        # Each session may hold up to max_message_size bytes during DATA: capping the
-        # sessions caps the memory, like Postfix's smtpd process limit.
-        if len(sessions) >= listener.max_connections:
-            event(
-                log, "busy", logging.WARNING, proto="lmtp" if lmtp else "smtp", active=len(sessions)
-            )
-            return _Busy()
-        server = factory()
-
-        def ended() -> None:
-            sessions.discard(server)
-            if not sessions:
-                idle.set()
-
-        server.on_close = ended
-        sessions.add(server)
-        idle.clear()
-        return server
-
+    cls: type[_Server] = LMTPServer if lmtp else SMTPServer
+    sessions = _Sessions(listener, "lmtp" if lmtp else "smtp")
     hostname = pipeline.settings.hostname
 
     # AUTH in clear text is acceptable only on loopback without a certificate; with one,
     # STARTTLS is required before anything else anyway.
     auth_require_tls = tls is not None or not loopback
 
-    def factory() -> SMTPServer | LMTPServer:
+    def make(client: str) -> _Server:
         with warnings.catch_warnings():
             # aiosmtpd warns on every connection when AUTH is required without TLS; on a
             # loopback listener that is the operator's documented choice, not news.
             warnings.simplefilter("ignore", UserWarning)
-            return make()
-
-    def make() -> SMTPServer | LMTPServer:
-        return cls(
-            handler,
-            data_size_limit=listener.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=hostname,
-            ident="mailrouter",
-            tls_context=tls,
-            require_starttls=tls is not None and not lmtp,
-            auth_required=listener.require_auth,
-            auth_require_tls=auth_require_tls,
-            authenticator=_Authenticator(listener) if listener.auth_users else None,
-            timeout=300,
-        )
+            return cls(
+                handler,
+                sessions,
+                client,
+                data_size_limit=listener.max_message_size,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                hostname=hostname,
+                ident="mailrouter",
+                tls_context=tls,
+                require_starttls=tls is not None and not lmtp,
+                auth_required=listener.require_auth,
+                auth_require_tls=auth_require_tls,
+                authenticator=_Authenticator(listener) if listener.auth_users else None,
+                timeout=listener.idle_timeout,
+            )
 
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(protocol, host=listener.host, port=listener.port)
-    return Listener(server, sessions, idle)
+    server = await loop.create_server(
+        lambda: _Door(sessions, make), host=listener.host, port=listener.port
+    )
+    return Listener(server, sessions)
