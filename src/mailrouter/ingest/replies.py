@@ -19,6 +19,7 @@ __all__ = [
     "MAIL_OK",
     "OK",
     "RCPT_OK",
+    "SHUTTING_DOWN",
     "TEMPFAIL",
     "TOO_BIG",
     "TOO_MANY_CONNECTIONS",
@@ -42,6 +43,7 @@ TOO_BIG = "552 5.3.4 Message too big for system"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
 AUTH_NOT_ENABLED = "503 5.5.1 Error: authentication not enabled"
 # 421 closes the session (RFC 5321 §3.8); the client keeps its mail and tries again.
+SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 TOO_MANY_CONNECTIONS = "421 4.3.2 Too many connections, try again later"
 TOO_MANY_FROM_CLIENT = "421 4.7.0 Error: too many connections from your address"
 TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors"

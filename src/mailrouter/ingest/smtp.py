@@ -8,8 +8,9 @@ RFC 3463 enhanced status code (:mod:`mailrouter.ingest.replies`).  The servers r
 daemon's own event loop (no threaded ``Controller``).
 
 Around aiosmtpd's session the listener adds what an MTA facing the network needs: caps on
-sessions in total and per client address, an idle timeout, a recipients-per-message limit
-and a limit on refusals per session.
+sessions in total and per client address, an idle timeout, a recipients-per-message limit,
+a limit on refusals per session, and a drain that stops every new transaction at once
+while one already in DATA completes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from mailrouter.ingest.replies import (
     IDLE_TIMEOUT,
     MAIL_OK,
     RCPT_OK,
+    SHUTTING_DOWN,
     TEMPFAIL,
     TOO_BIG,
     TOO_MANY_CONNECTIONS,
@@ -146,7 +148,7 @@ class IngestHandler:
 
 
 class _Sessions:
-    """The open sessions of one listener and the caps they share."""
+    """The open sessions of one listener: the caps they share and the drain state."""
 
     def __init__(self, settings: ListenerSettings, proto: str) -> None:
         self.settings = settings
@@ -155,9 +157,12 @@ class _Sessions:
         self.per_client: Counter[str] = Counter()
         self.idle = asyncio.Event()  # set while no session is open
         self.idle.set()
+        self.draining = False
 
     def refusal(self, client: str) -> str | None:
         """Why a new connection from ``client`` is not admitted, or None."""
+        if self.draining:
+            return SHUTTING_DOWN
         # Each session may hold up to max_message_size bytes during DATA: capping the
         # sessions caps the memory, like Postfix's smtpd process limit.
         if len(self.open) >= self.settings.max_connections:
@@ -180,6 +185,11 @@ class _Sessions:
             del self.per_client[server.client]
         if not self.open:
             self.idle.set()
+
+    def stop_accepting(self) -> None:
+        self.draining = True
+        for server in list(self.open):
+            server.stop_accepting()
 
 
 class _Door(asyncio.Protocol):
@@ -219,7 +229,7 @@ class _Door(asyncio.Protocol):
 
 
 class _Server(SMTP):
-    """aiosmtpd's session with the listener's limits, enhanced codes and DATA."""
+    """aiosmtpd's session with the listener's limits, enhanced codes, drain and DATA."""
 
     # RFC 2033 §4.2: LMTP answers DATA once per accepted recipient.
     per_recipient: ClassVar[bool] = False
@@ -272,15 +282,35 @@ class _Server(SMTP):
         self.close_with(reply)
         await asyncio.sleep(0)  # the cancellation of this very loop is raised here
 
-    # ------------------------------------------------------------------ commands
+    # ------------------------------------------------------------------ drain
+
+    def stop_accepting(self) -> None:
+        """Shutdown: a session between transactions is told 421 now; one in DATA first
+        finishes its transaction (its 250 means the message is stored), then is told."""
+        if not self.in_data:
+            self.close_with(SHUTTING_DOWN)
+
+    async def _refused_while_draining(self) -> bool:
+        # A command read just before the drain began: no new transaction either way.
+        if not self.sessions.draining:
+            return False
+        await self._hang_up(SHUTTING_DOWN)
+        return True
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self._refused_while_draining():
+            return
         self.command = "MAIL"
         try:
             await super().smtp_MAIL(arg)
         finally:
             self.command = None
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if not await self._refused_while_draining():
+            await super().smtp_RCPT(arg)
 
     @syntax("AUTH <mechanism>", when="offers_auth")
     async def smtp_AUTH(self, arg: str) -> None:
@@ -319,6 +349,8 @@ class _Server(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
+        if await self._refused_while_draining():
+            return
         replies = len(self.envelope.rcpt_tos) if self.per_recipient else 1
         self.in_data = True
         try:
@@ -336,6 +368,8 @@ class _Server(SMTP):
             await self.push("\r\n".join([status] * replies))
         finally:
             self.in_data = False
+        if self.sessions.draining:
+            await self._hang_up(SHUTTING_DOWN)
 
     async def _receive(self) -> bytes | None:
         """The message up to the final dot, dot-unstuffed (RFC 5321 §4.5.2); None if over
@@ -425,8 +459,13 @@ class Listener:
     sessions: _Sessions
 
     async def drain(self) -> None:
-        """Stop accepting, then wait until every open session has ended."""
+        """Stop accepting connections and transactions, then wait for the sessions to end.
+
+        Sessions between transactions get ``421 4.3.2`` at once; one in DATA completes its
+        transaction (stored, then 250) and gets the 421 after it.
+        """
         self.server.close()
+        self.sessions.stop_accepting()
         await self.sessions.idle.wait()
 
     def abort(self) -> None:
