@@ -98,6 +98,22 @@ async def test_starttls_and_auth_then_mail_is_accepted(daemon: Daemon, tls_files
     assert refused == {}
 
 
+async def test_auth_is_offered_after_starttls_when_users_exist(
+    daemon: Daemon, tls_files: TlsFiles
+) -> None:
+    """With auth_users configured, EHLO lists AUTH once the session is encrypted."""
+
+    def ehlo_lines() -> tuple[bool, bool]:
+        with smtplib.SMTP("127.0.0.1", daemon.settings.smtp.port, timeout=10) as c:
+            c.ehlo()
+            before = c.has_extn("auth")
+            c.starttls(context=tls_files.client_context())
+            c.ehlo()
+            return before, c.has_extn("auth") and "PLAIN" in c.esmtp_features["auth"]
+
+    assert await asyncio.to_thread(ehlo_lines) == (False, True)
+
+
 def test_non_loopback_bind_without_auth_is_a_config_error(tmp_path: Path) -> None:
     """An SMTP listener on a public address without AUTH would be an open door: refused."""
     text = f"""

@@ -135,6 +135,18 @@ class ListenerSettings:
     port: int = 0
     max_message_size: int = 25 * 1024 * 1024
     max_connections: int = 100  # beyond this, new clients get 421 (memory stays bounded)
+    # Sessions one client address may hold (Postfix: smtpd_client_connection_count_limit),
+    # so one host cannot take every slot; beyond it, 421 4.7.0.
+    max_connections_per_client: int = 50
+    # Seconds a session may stay silent (awaiting a command, or in the middle of DATA)
+    # before it is closed.  RFC 5321 §4.5.3.2.7 asks 5 minutes of an internet server; our
+    # client is the site's own MTA, which never pauses that long (Postfix keeps an idle
+    # cached connection for 2 s), so one minute frees idle slots five times sooner.
+    idle_timeout: float = 60.0
+    # Recipients per message; more get 452 4.5.3 (RFC 5321 §4.5.3.1.8: at least 100).
+    max_recipients: int = 100
+    # Refusals in one session before 421 4.7.0 and a hang-up (Postfix smtpd_hard_error_limit).
+    hard_error_limit: int = 20
     tls_cert: Path | None = None
     tls_key: Path | None = None
     require_auth: bool = False
