@@ -115,7 +115,8 @@ class Daemon:
         s = self.settings
         from mailrouter.notify import check_templates
 
-        problems = check_templates(s)
+        # Off the loop: a render is bounded in a child process, but may take seconds.
+        problems = await asyncio.to_thread(check_templates, s)
         if problems:
             raise StartupError("notice templates: " + "; ".join(problems))
         self.runtime = await asyncio.to_thread(
