@@ -9,11 +9,13 @@ the same transaction.  Any refusal raises before a single row changes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from mailrouter.config import AccountSettings
 from mailrouter.deliver.outbox import queue_outbound
 from mailrouter.errors import Refused
+from mailrouter.interactions import visible
 from mailrouter.log import event
 from mailrouter.notify import TemplateError, compose_notice, suppression_reason
 from mailrouter.parse import format_id, parse
@@ -54,14 +56,24 @@ def _account(rt: Runtime, name: str) -> AccountSettings:
 
 
 def transfer(
-    rt: Runtime, interaction_id: int, to: str, *, actor: str | None = None
+    rt: Runtime,
+    interaction_id: int,
+    to: str,
+    *,
+    actor: str | None = None,
+    within: Collection[str] | None = None,
 ) -> TransferResult:
-    """Move interaction ``interaction_id`` to account ``to`` (name or address)."""
+    """Move interaction ``interaction_id`` to account ``to`` (name or address).
+
+    ``within``: the accounts the caller acts for (see :mod:`mailrouter.interactions`); the
+    target may be any configured account.
+    """
     target = _account(rt, to)
     with rt.db.write() as s:
-        interaction = lock_interaction(s, interaction_id)
-        if interaction is None:
-            raise TransferRefused("not-found", f"no interaction {interaction_id}")
+        try:
+            interaction = visible(lock_interaction(s, interaction_id), interaction_id, within)
+        except Refused as exc:
+            raise TransferRefused(exc.code, exc.message) from None
         source = rt.account_of(interaction.account_id)
         if interaction.status == "closed":
             raise TransferRefused("closed", f"interaction {interaction_id} is closed")

@@ -126,7 +126,11 @@ def cmd_pick(settings: Settings, args: argparse.Namespace) -> int:
     from mailrouter.runtime import opened
 
     with opened(settings) as rt:
-        pick(rt, args.id, args.agent, force=args.force)
+        try:
+            pick(rt, args.id, args.agent, force=args.force)
+        except Refused as exc:
+            hint = " (use --force to take it over)" if exc.code == "already-picked" else ""
+            raise CommandError(f"{exc}{hint}") from None
     print(f"interaction {args.id} picked by {args.agent}")
     return EXIT_OK
 
