@@ -12,6 +12,7 @@ from mailrouter.notify.compose import (
     reply_threading,
     suppression_reason,
 )
+from mailrouter.notify.preview import NoticePreview, preview_notice
 from mailrouter.notify.templates import (
     RenderedNotice,
     TemplateError,
@@ -23,6 +24,7 @@ from mailrouter.notify.templates import (
 
 __all__ = [
     "Composed",
+    "NoticePreview",
     "NoticeSuppressed",
     "RenderedNotice",
     "TemplateError",
@@ -30,6 +32,7 @@ __all__ = [
     "compose_notice",
     "compose_reply",
     "notice_variables",
+    "preview_notice",
     "render_notice",
     "reply_subject",
     "reply_threading",
