@@ -12,12 +12,12 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import Response
 
-from mailrouter.http.desk import accounts, signin, web
+from mailrouter.http.desk import accounts, interactions, signin, web
 
 __all__ = ["mount", "router"]
 
 router = APIRouter(include_in_schema=False)
-for module in (signin, accounts):
+for module in (signin, accounts, interactions):
     router.include_router(module.router)
 
 
