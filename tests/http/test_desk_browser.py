@@ -289,3 +289,32 @@ def test_agent_gets_404_for_another_accounts_interaction(
     assert show(settings, iid)["unread"] is True
     shot(page, "14-not-found")
     context.close()
+
+
+def test_desk_works_without_javascript(browser: Browser, desk: Served, shot: Shot) -> None:
+    """With scripting off: sign in, the list (reloading itself by meta refresh), Pick, and
+    Sign out through its confirmation page."""
+    settings = desk.settings
+    add_agent(settings, "finn", "support")
+    subject = "No script here"
+    send_mail(settings, to="support@example.test", subject=subject, msgid="<nojs-1@customer.test>")
+    iid = interaction_id(settings, subject)
+    context = browser.new_context(base_url=desk.base_url, java_script_enabled=False)
+    page = context.new_page()
+    page.goto("/")
+    page.get_by_label("Agent").fill("finn")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.goto("/accounts/support")
+    expect(page.locator('meta[http-equiv="refresh"]')).to_have_count(1)
+    assert min(weights(page, subject)) >= 600
+    page.locator("tbody tr", has_text=subject).get_by_role("link", name=subject).click()
+    page.get_by_role("button", name="Pick").click()
+    expect(page.get_by_role("status")).to_have_text("Picked: it is assigned to you.")
+    assert show(settings, iid)["assigned_agent"] == "finn"
+    page.get_by_role("link", name="Sign out").click()
+    expect(page).to_have_url(f"{desk.base_url}/sign-out")
+    shot(page, "15-sign-out-without-javascript")
+    page.locator("main").get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("status")).to_have_text("You have signed out.")
+    context.close()
