@@ -217,7 +217,7 @@ def test_walkthrough_sign_in_transfer_pick_refusal_advanced_sign_out(
     shot(page, "10-signed-out")
     with httpx.Client(base_url=desk.base_url, cookies={cookie["name"]: cookie["value"]}) as old:
         r = old.get("/accounts", follow_redirects=False)
-    assert (r.status_code, r.headers["location"]) == (303, "/")
+    assert (r.status_code, r.headers["location"]) == (303, "/?next=%2Faccounts")
     context.close()
 
 

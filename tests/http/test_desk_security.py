@@ -5,6 +5,7 @@ rate limit, and pages that load nothing from elsewhere."""
 from __future__ import annotations
 
 import asyncio
+import html
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -117,6 +118,32 @@ def test_sign_in_form_without_its_token_is_refused(desk: Served) -> None:
         assert r.status_code == 403 and "mailrouter_session" not in _set_cookies(r)
 
 
+@pytest.mark.parametrize(
+    ("asked", "landed"),
+    [("/accounts/sales/advanced?to=billing", "/accounts/sales/advanced?to=billing")]
+    + [(f"/?next={far}", "/accounts") for far in ("//evil.example/", "https://evil.example/")],
+    ids=["own-page", "protocol-relative", "absolute"],
+)
+def test_sign_in_from_a_link_lands_where_it_was_going_and_only_here(
+    desk: Served, asked: str, landed: str
+) -> None:
+    """A page asked for without a session sends the browser to sign in, then back to it;
+    a ``next`` pointing at another site is ignored."""
+    name = f"rosa-{len(asked)}"
+    add_agent(desk.settings, name, "sales")
+    with desk.client(follow_redirects=False) as client:
+        r = client.get(asked)
+        form_url = r.headers["location"] if r.status_code == 303 else asked
+        form = client.get(form_url)
+        assert form.status_code == 200
+        data = {"csrf": csrf_of(form.text), "agent": name, "password": PASSWORD}
+        found = re.search(r'name="next" value="([^"]*)"', form.text)
+        if found is not None:
+            data["next"] = html.unescape(found.group(1))
+        r = client.post("/", data=data)
+    assert (r.status_code, r.headers["location"]) == (303, landed)
+
+
 # --------------------------------------------------------------------------- the cookie
 
 
@@ -216,7 +243,7 @@ def test_removed_agent_loses_its_session_at_once(desk: Served) -> None:
         assert client.get("/accounts").status_code == 200
         mailrouter(desk.settings, "agent", "remove", "karl")
         r = client.get("/accounts")
-        assert (r.status_code, r.headers["location"]) == (303, "/")
+        assert (r.status_code, r.headers["location"]) == (303, "/?next=%2Faccounts")
         poll = client.get("/accounts/support/rows", headers={"X-Desk-Poll": "1"})
         assert poll.status_code == 401  # the list's script reloads to the sign-in page
 

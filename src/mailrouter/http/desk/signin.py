@@ -29,7 +29,9 @@ from mailrouter.http.desk.web import (
     SESSION_COOKIE,
     SIGNIN_COOKIE,
     CheckedForm,
+    Form,
     SignedIn,
+    local_path,
     page,
     read_form,
     refusal_status,
@@ -49,7 +51,13 @@ SIGNED_OUT = "You have signed out."
 
 
 def _sign_in_page(
-    request: Request, *, status: int = 200, error: str | None = None, name: str = "", **extra: str
+    request: Request,
+    *,
+    status: int = 200,
+    error: str | None = None,
+    name: str = "",
+    next_path: str | None = None,
+    **extra: str,
 ) -> Response:
     # One token per browser, kept while it signs in: a second sign-in tab does not make
     # the first one's form stale.
@@ -63,6 +71,7 @@ def _sign_in_page(
         title="Sign in",
         signin_token=token,
         name=name,
+        next=local_path(next_path) or "",
         error=error,
         notice=None if error else notice,
     )
@@ -70,8 +79,9 @@ def _sign_in_page(
     return response
 
 
-def _limited(request: Request, name: str, client: str | None) -> Response | None:
+def _limited(request: Request, form: Form, client: str | None) -> Response | None:
     """The answer to a sign-in that must wait (429 with Retry-After), or None."""
+    name = form.get("agent").strip()
     wait = state(request).limits.wait(name, client)
     if wait <= 0:
         return None
@@ -82,6 +92,7 @@ def _limited(request: Request, name: str, client: str | None) -> Response | None
         request,
         status=429,
         name=name,
+        next_path=form.get("next"),
         error=f"Too many failed sign-ins: try again in {seconds} {unit}.",
         **{"Retry-After": str(seconds)},
     )
@@ -93,7 +104,7 @@ async def sign_in_form(request: Request, rt: RuntimeDep) -> Response:
     secret = request.cookies.get(SESSION_COOKIE)
     if secret and await asyncio.to_thread(find_session, rt, secret) is not None:
         return see_other("/accounts")
-    return _sign_in_page(request)
+    return _sign_in_page(request, next_path=request.query_params.get("next"))
 
 
 @router.post("/")
@@ -105,17 +116,18 @@ async def sign_in(request: Request, rt: RuntimeDep) -> Response:
             request,
             status=403,
             name=name,
+            next_path=form.get("next"),
             error="The sign-in form had expired; nothing was checked. Please sign in again.",
         )
     desk = state(request)
     client = request.client.host if request.client else None
-    limited = _limited(request, name, client)
+    limited = _limited(request, form, client)
     if limited is not None:
         return limited
     try:
         async with desk.password_checks:
             # Again: sign-ins that waited here may have been counted as failures meanwhile.
-            limited = _limited(request, name, client)
+            limited = _limited(request, form, client)
             if limited is not None:
                 return limited
             try:
@@ -131,7 +143,11 @@ async def sign_in(request: Request, rt: RuntimeDep) -> Response:
         # authenticate_password's sentence is the same for unknown names and wrong
         # passwords alike.
         return _sign_in_page(
-            request, status=refusal_status(exc), name=name, error=f"Sign-in failed: {exc}."
+            request,
+            status=refusal_status(exc),
+            name=name,
+            next_path=form.get("next"),
+            error=f"Sign-in failed: {exc}.",
         )
     desk.limits.succeeded(name)
     previous = request.cookies.get(SESSION_COOKIE)
@@ -140,7 +156,7 @@ async def sign_in(request: Request, rt: RuntimeDep) -> Response:
         if old is not None:
             await asyncio.to_thread(end_session, rt, old.session_id)
     event(log, "desk-sign-in", agent=agent.name, client=client)
-    response = see_other("/accounts")
+    response = see_other(local_path(form.get("next")) or "/accounts")
     set_cookie(response, request, SESSION_COOKIE, secret)
     set_cookie(response, request, SIGNIN_COOKIE, None)
     return response

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -36,6 +36,7 @@ __all__ = [
     "Form",
     "SignedIn",
     "install",
+    "local_path",
     "page",
     "read_form",
     "refusal_status",
@@ -245,9 +246,18 @@ async def checked_form(request: Request, signed: SignedIn) -> Form:
 CheckedForm = Annotated[Form, Depends(checked_form)]
 
 
+def local_path(value: str | None) -> str | None:
+    """``value`` if it is a path on this server (never ``//host`` or ``/\\host``)."""
+    if not value or not value.startswith("/") or value[1:2] in ("/", "\\"):
+        return None
+    return value
+
+
 async def _sign_in_required(request: Request, exc: Exception) -> Response:
     if request.method == "GET" and request.headers.get("x-desk-poll") is None:
-        return see_other("/")
+        # After signing in, the agent lands where it was going (a link from a colleague).
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return see_other("/?" + urlencode({"next": target}))
     # A poll from the list page (its script reloads and lands on the sign-in page), or
     # a form posted after the session ended: nothing was done.
     return page(
