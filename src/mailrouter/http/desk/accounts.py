@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from markupsafe import Markup
+from sqlalchemy.orm import Session
 
 from mailrouter.agent_views import account_rows, interaction_page, scoped_account
 from mailrouter.errors import Refused
@@ -26,7 +27,7 @@ from mailrouter.http.desk.web import PAGE_HEADERS, SignedIn, page, state
 from mailrouter.notify import TemplateError, preview_notice
 from mailrouter.runtime import Runtime
 
-__all__ = ["PAGE_SIZE", "POLL_SECONDS", "router"]
+__all__ = ["PAGE_SIZE", "POLL_SECONDS", "not_found", "router"]
 
 router = APIRouter()
 
@@ -54,7 +55,7 @@ async def _account(rt: Runtime, signed: Signed, name: str) -> dict[str, Any]:
 
 
 async def _rows(rt: Runtime, signed: Signed, name: str, cursor: str | None) -> dict[str, Any]:
-    def query(s: Any) -> dict[str, Any]:
+    def query(s: Session) -> dict[str, Any]:
         got = interaction_page(s, rt, signed.agent, account=name, limit=PAGE_SIZE, cursor=cursor)
         return {
             "items": got.items,

@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 from markupsafe import Markup
+from sqlalchemy.orm import Session
 
 from mailrouter import interactions as ops
 from mailrouter.agent_views import account_rows
@@ -88,7 +89,7 @@ async def _view(
 ) -> Response:
     agent = signed.agent
 
-    def query(s: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def query(s: Session) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         return detail_with_text(s, agent, interaction_id), account_rows(s, rt, agent)
 
     try:
