@@ -26,7 +26,7 @@ run: venv
 	$(BIN)/mailrouter -c $(CONFIG) run
 
 servers:
-	@scripts/test-servers
+	@VENV=$(VENV) scripts/test-servers
 
 lint: dev-venv
 	$(BIN)/ruff check src tests bench

@@ -40,6 +40,7 @@ __all__ = [
     "add",
     "authenticate_password",
     "authenticate_token",
+    "identity",
     "list_agents",
     "remove",
     "rotate_token",
@@ -149,7 +150,8 @@ def _new_token() -> tuple[str, str, str]:
 # --------------------------------------------------------------------------- rows
 
 
-def _identity(row: AgentRow) -> Agent:
+def identity(row: AgentRow) -> Agent:
+    """The :class:`Agent` a stored row stands for, with the accounts it belongs to now."""
     return Agent(row.name, tuple(a.name for a in row.accounts), row.admin)
 
 
@@ -198,7 +200,7 @@ def add(rt: Runtime, name: str, accounts: Sequence[str], *, admin: bool = False)
         )
         s.add(row)
         s.flush()
-        agent = _identity(row)
+        agent = identity(row)
     return NewToken(agent, token)
 
 
@@ -219,7 +221,7 @@ def rotate_token(rt: Runtime, name: str) -> NewToken:
     with rt.db.write() as s:
         row = _row(s, name)
         row.token_id, row.token_hash, row.token_rotated_at = token_id, token_hash, utcnow()
-        agent = _identity(row)
+        agent = identity(row)
     return NewToken(agent, token)
 
 
@@ -259,7 +261,7 @@ def authenticate_token(rt: Runtime, token: str) -> Agent:
     if prefix == TOKEN_PREFIX and token_id and secret:
         with rt.db.read() as s:
             row = s.scalar(select(AgentRow).where(AgentRow.token_id == token_id))
-            found = (_identity(row), row.token_hash) if row is not None else None
+            found = (identity(row), row.token_hash) if row is not None else None
         if found is not None and verify_secret(secret, found[1]):
             return found[0]
     raise Refused("bad-token", "the token is not valid (unknown, rotated, or its agent removed)")
@@ -269,7 +271,7 @@ def authenticate_password(rt: Runtime, name: str, password: str) -> Agent:
     """The agent ``name`` if ``password`` is its password (the desk's sign-in)."""
     with rt.db.read() as s:
         row = s.scalar(select(AgentRow).where(AgentRow.name == name))
-        agent = _identity(row) if row is not None else None
+        agent = identity(row) if row is not None else None
         stored = row.password_hash if row is not None else None
     # An unknown name, or an agent without a password, costs the same hash: the time an
     # answer takes does not tell which names exist.

@@ -1,4 +1,5 @@
-"""The FastAPI application: ``/healthz``, the JSON API under ``/api/v1`` and its OpenAPI.
+"""The FastAPI application: ``/healthz``, the JSON API under ``/api/v1`` and its OpenAPI,
+and the agents' web desk (:mod:`mailrouter.http.desk`) at ``/``.
 
 :func:`create_app` builds it around an open :class:`~mailrouter.runtime.Runtime`, so
 the daemon serves it and tests (or another front end such as the desk) can mount
@@ -15,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from mailrouter import __version__
-from mailrouter.http import problems
+from mailrouter.http import desk, problems
 from mailrouter.http.api import router as api_router
 from mailrouter.runtime import Runtime
 
@@ -64,6 +65,7 @@ def create_app(runtime: Runtime, *, wake: Callable[[], None] | None = None) -> F
         return Health(status="ok", version=__version__)
 
     app.include_router(api_router)
+    desk.mount(app)  # the agents' web desk at /, outside the OpenAPI document
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -15,6 +15,7 @@ from mailrouter.notify.compose import (
     subject_token,
     suppression_reason,
 )
+from mailrouter.notify.preview import NoticePreview, preview_notice
 from mailrouter.notify.templates import (
     RenderedNotice,
     RenderLimits,
@@ -27,6 +28,7 @@ from mailrouter.notify.templates import (
 
 __all__ = [
     "Composed",
+    "NoticePreview",
     "NoticeSuppressed",
     "RenderLimits",
     "RenderedNotice",
@@ -37,6 +39,7 @@ __all__ = [
     "compose_reply",
     "notice_variables",
     "own_addresses",
+    "preview_notice",
     "render_notice",
     "reply_subject",
     "reply_threading",

@@ -54,6 +54,7 @@ __all__ = [
     "one_line",
     "render_notice",
     "reply_subject",
+    "sample_customer",
 ]
 
 # Same shape as account names in the config: no path separators, no leading dot, so a
@@ -580,6 +581,11 @@ _SAMPLE_CUSTOMER = (
 )
 
 
+def sample_customer() -> ParsedMessage:
+    """The sample customer message trial renders use (``check-config``, the desk's preview)."""
+    return parse(_SAMPLE_CUSTOMER)
+
+
 def check_templates(settings: Settings) -> list[str]:
     """Problems with the notice template of every account that notifies (empty = fine).
 
@@ -589,7 +595,7 @@ def check_templates(settings: Settings) -> list[str]:
     hangs), not at the first transfer.
     """
     problems: list[str] = []
-    customer = parse(_SAMPLE_CUSTOMER)
+    customer = sample_customer()
     limits = RenderLimits.of(settings.notify)
     for account in settings.accounts:
         if not account.transfer.notify:

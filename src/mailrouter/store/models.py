@@ -1,6 +1,6 @@
 """SQLAlchemy models: accounts, interactions, messages, transfers, the outbox and its
-delivery attempts, IMAP state, instances and leases, agents (with their accounts) and the
-idempotency keys of their API replies.
+delivery attempts, IMAP state, instances and leases, agents (with their accounts), the
+idempotency keys of their API replies and their desk sessions.
 
 Message-IDs are stored bare (no angle brackets).  ``message_refs`` keeps the ids a message
 points at (In-Reply-To and References, at most the root and the 99 nearest: see
@@ -46,6 +46,7 @@ __all__ = [
     "AgentAccount",
     "AttemptStatus",
     "Base",
+    "DeskSession",
     "Direction",
     "IdempotencyKey",
     "ImapState",
@@ -403,6 +404,29 @@ class IdempotencyKey(Base):
     message_id: Mapped[str] = mapped_column(String(998))
     outbox_id: Mapped[int] = mapped_column(ForeignKey("outbox.id"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class DeskSession(Base):
+    """A signed-in desk session: the browser holds a random secret, we keep its SHA-256.
+
+    Looked up (with its agent) on every desk request, so removing the agent, changing its
+    password or signing out ends the session from the next request on.  ``csrf`` is the
+    token every form of the session carries.
+    """
+
+    __tablename__ = "desk_sessions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    agent_id: Mapped[int] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"), index=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    # The agent's password_set_at when it signed in: a new password ends older sessions.
+    password_set_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+    agent: Mapped[Agent] = relationship(lazy="joined")
 
 
 # Plain tables for Core statements on the ingest hot path (see pipeline.add_message).
