@@ -31,7 +31,7 @@ class Refused(Exception):
     agents (``agents.py``): ``bad-token``, ``bad-password``, ``unknown-agent``,
     ``agent-exists``, ``bad-agent-name``, ``no-accounts``, ``weak-password``; the HTTP
     front end: ``unauthenticated``, ``admin-only``, ``not-your-account``, ``bad-cursor``,
-    ``bad-period``.  ``http/problems.py`` maps each to an HTTP status.
+    ``bad-period``, ``store-unavailable``.  ``http/problems.py`` maps each to an HTTP status.
     """
 
     def __init__(self, code: str, message: str) -> None:
