@@ -188,6 +188,10 @@ def test_installed_wheel_runs_outside_the_repository(installed: Installed) -> No
     # auto_upgrade = false: nothing works until the schema is upgraded by hand.
     refused = i.run(i.mailrouter, "-c", str(config), "interactions", check=False)
     assert refused.returncode != 0 and "mailrouter db upgrade" in refused.stderr
+    daemon = i.run(i.mailrouter, "-c", str(config), "run", check=False)
+    assert daemon.returncode == 2, daemon.stderr  # "cannot start", not a crash
+    assert "mailrouter: cannot start: database schema is at nothing" in daemon.stderr
+    assert "Traceback" not in daemon.stderr
     upgraded = i.run(i.mailrouter, "-c", str(config), "db", "upgrade").stdout
     assert upgraded.startswith("schema: empty -> "), upgraded
     current = i.run(i.mailrouter, "-c", str(config), "db", "current").stdout

@@ -30,6 +30,7 @@ from mailrouter.metrics import PrometheusMetrics
 from mailrouter.pipeline import Pipeline
 from mailrouter.retry import backoff, wait_first, wait_unless_stopped
 from mailrouter.runtime import Runtime
+from mailrouter.store.db import SchemaError
 from mailrouter.systemd import Notifier, status_text
 
 if TYPE_CHECKING:
@@ -123,9 +124,13 @@ class Daemon:
         problems = check_templates(s)
         if problems:
             raise StartupError("notice templates: " + "; ".join(problems))
-        self.runtime = await asyncio.to_thread(
-            functools.partial(Runtime.open, s, metrics=self.metrics)
-        )
+        try:
+            self.runtime = await asyncio.to_thread(
+                functools.partial(Runtime.open, s, metrics=self.metrics)
+            )
+        except SchemaError as exc:
+            # auto_upgrade = false and a schema behind: the operator's step, not a crash.
+            raise StartupError(str(exc)) from None
         self.pipeline = Pipeline(self.runtime)
         self.worker = OutboxWorker(
             self.runtime, name=s.instance_name or f"{socket.gethostname()}:{s.state_dir}"
