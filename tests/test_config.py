@@ -12,6 +12,7 @@ import pytest
 
 from helpers import TEMPLATES
 from mailrouter.config import (
+    PACKAGED_TEMPLATES,
     ConfigError,
     DeliverySettings,
     ImapWatchSettings,
@@ -319,6 +320,18 @@ def test_relative_template_directory_resolves_next_to_config(tmp_path: Path) -> 
     text = valid(tmp_path).replace(f'directory = "{TEMPLATES}"', 'directory = "notices"')
     settings: Settings = load_from_text(text, conf / "mailrouter.toml", env={})
     assert settings.template_dir == conf.resolve() / "notices"
+
+
+def test_template_directory_not_set_is_the_packaged_templates(tmp_path: Path) -> None:
+    """No templates.directory: the notice templates shipped inside the package, which is
+    what makes an installed wheel work with a config that has no template files beside it."""
+    text = valid(tmp_path).replace(f'[templates]\ndirectory = "{TEMPLATES}"\n', "")
+    assert "[templates]" not in text
+    settings: Settings = load_from_text(text, tmp_path / "etc" / "mailrouter.toml", env={})
+    assert settings.template_dir == PACKAGED_TEMPLATES
+    assert (PACKAGED_TEMPLATES / "transfer_notice.txt.j2").is_file()
+    # The repository's config/templates is the same directory, for the example config.
+    assert TEMPLATES.resolve() == PACKAGED_TEMPLATES
 
 
 def test_tls_ca_file_resolves_next_to_config_and_must_exist(tmp_path: Path) -> None:

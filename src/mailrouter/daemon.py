@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from mailrouter import reload
 from mailrouter.config import Settings
@@ -27,6 +30,7 @@ from mailrouter.metrics import PrometheusMetrics
 from mailrouter.pipeline import Pipeline
 from mailrouter.retry import backoff, wait_first, wait_unless_stopped
 from mailrouter.runtime import Runtime
+from mailrouter.store.db import SchemaError
 from mailrouter.systemd import Notifier, status_text
 
 if TYPE_CHECKING:
@@ -71,6 +75,8 @@ class Daemon:
         self._service_tasks: list[asyncio.Task[None]] = []
         self._service_stop = asyncio.Event()
         self._phase = "starting"
+        self.started_at = datetime.now(UTC)
+        self._started = time.monotonic()
 
     @property
     def settings(self) -> Settings:
@@ -119,9 +125,13 @@ class Daemon:
         problems = await asyncio.to_thread(check_templates, s)
         if problems:
             raise StartupError("notice templates: " + "; ".join(problems))
-        self.runtime = await asyncio.to_thread(
-            functools.partial(Runtime.open, s, metrics=self.metrics)
-        )
+        try:
+            self.runtime = await asyncio.to_thread(
+                functools.partial(Runtime.open, s, metrics=self.metrics)
+            )
+        except SchemaError as exc:
+            # auto_upgrade = false and a schema behind: the operator's step, not a crash.
+            raise StartupError(str(exc)) from None
         self.pipeline = Pipeline(self.runtime)
         self.worker = OutboxWorker(
             self.runtime, name=s.instance_name or f"{socket.gethostname()}:{s.state_dir}"
@@ -142,7 +152,8 @@ class Daemon:
             # Imported here: a daemon without [http] never loads FastAPI.
             from mailrouter.http import create_app, start_http
 
-            self.http = await start_http(create_app(self.runtime, wake=worker.wake), s.http)
+            app = create_app(self.runtime, wake=worker.wake, live=self.live_state)
+            self.http = await start_http(app, s.http)
         self.watchers = WatcherSet(
             self.pipeline,
             self.supervise,
@@ -210,6 +221,29 @@ class Daemon:
                 return
             self.reload_requested.clear()
             await self.reload()
+
+    def live_state(self) -> dict[str, Any]:
+        """What only the running daemon knows, for ``/healthz?verbose=1`` (``"live"``):
+        its phase, the addresses its listeners are bound to, each IMAP watcher's state.
+        Read on the event loop, from memory: it never touches the store."""
+        listening: dict[str, list[str]] = {
+            name: [_address(sock.getsockname()) for sock in lst.server.sockets]
+            for name, lst in self.listeners
+        }
+        if self.http is not None:
+            listening["http"] = [_address(sock.getsockname()) for sock in self.http.sockets]
+        watchers = self.watchers.watchers if self.watchers is not None else {}
+        return {
+            "phase": self._phase,
+            "pid": os.getpid(),
+            "started_at": self.started_at.isoformat(),
+            "uptime_seconds": round(time.monotonic() - self._started, 3),
+            "instance": self.worker.name if self.worker is not None else None,
+            "listening": listening,
+            "sessions": {name: len(lst.sessions.open) for name, lst in self.listeners},
+            "imap": {name: w.state for name, w in sorted(watchers.items())},
+            "reload_refused": self.reload_refused,
+        }
 
     async def status(self) -> str:
         """The one-line state for systemd's STATUS= ("accepting; queue 3; imap sales ok")."""
@@ -294,6 +328,11 @@ class Daemon:
             await self.shutdown()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+
+def _address(sockname: Any) -> str:
+    host, port = sockname[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _log_unraisable(args: sys.UnraisableHookArgs) -> None:

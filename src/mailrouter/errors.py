@@ -28,10 +28,11 @@ class Refused(Exception):
     ``idempotency-key-reused``, ``idempotency-key-in-use``, ``not-held``, ``not-failed``;
     the queue's ``bad-queue-id``, ``not-a-job``, ``already-held``, ``held``,
     ``being-delivered``, ``already-sent``, ``deleted``, ``failed``, ``wrong-state``;
+    ``db backup``'s ``not-sqlite``, ``backup-exists``, ``no-directory``, ``backup-corrupt``;
     agents (``agents.py``): ``bad-token``, ``bad-password``, ``unknown-agent``,
     ``agent-exists``, ``bad-agent-name``, ``no-accounts``, ``weak-password``; the HTTP
     front end: ``unauthenticated``, ``admin-only``, ``not-your-account``, ``bad-cursor``,
-    ``bad-period``.  ``http/problems.py`` maps each to an HTTP status.
+    ``bad-period``, ``store-unavailable``.  ``http/problems.py`` maps each to an HTTP status.
     (``template-failed`` is gone: a failing notice template no longer refuses a transfer.)
     """
 

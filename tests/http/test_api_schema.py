@@ -109,6 +109,13 @@ def test_api_conforms_to_its_served_openapi_document(live: tuple[Served, str]) -
         "POST /api/v1/interactions/{interaction_id}/reply",
         "POST /api/v1/interactions/{interaction_id}/close",
         "GET /api/v1/reports",
+        "GET /api/v1/queue",
+        "GET /api/v1/queue/{queue_id}",
+        "POST /api/v1/queue/{queue_id}/retry",
+        "POST /api/v1/queue/retry-all",
+        "POST /api/v1/queue/{queue_id}/hold",
+        "POST /api/v1/queue/{queue_id}/release",
+        "DELETE /api/v1/queue/{queue_id}",
     }
     failures = [
         failure

@@ -1,4 +1,4 @@
-"""Admin commands: ``run`` the daemon, ``check-config`` and the ``db`` schema."""
+"""Admin commands: ``run`` the daemon, ``check-config``, the ``db`` schema and its backup."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from mailrouter.cli._common import (
     EXIT_FAIL,
     EXIT_OK,
     EXIT_USAGE,
+    CommandError,
     Subparsers,
     add_command,
     json_flag,
@@ -52,6 +53,10 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
     from mailrouter.store.db import open_database
     from mailrouter.store.migrate import current_revision, head_revision, upgrade
 
+    if args.db_command == "backup":
+        return _db_backup(settings, args)
+    if args.path is not None:
+        raise CommandError(f"db {args.db_command} takes no PATH")
     db = open_database(settings.database_url)
     try:
         if args.db_command == "upgrade":
@@ -69,6 +74,26 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _db_backup(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mailrouter.store.backup import backup
+    from mailrouter.store.db import open_database
+
+    if args.path is None:
+        raise CommandError("db backup needs the PATH of the copy to write")
+    db = open_database(settings.database_url)
+    try:
+        done = backup(db, Path(args.path))
+    finally:
+        db.dispose()
+    print(
+        f"backup: {done.path} ({done.size} bytes, schema {done.schema or 'empty'}, "
+        f"{done.seconds:.1f}s)"
+    )
+    return EXIT_OK
+
+
 def register(sub: Subparsers) -> None:
     add_command(sub, "run", cmd_run, "run the daemon in the foreground")
     json_flag(
@@ -79,5 +104,11 @@ def register(sub: Subparsers) -> None:
             "validate the config and print the effective settings",
         )
     )
-    db = add_command(sub, "db", cmd_db, "database schema")
-    db.add_argument("db_command", choices=("upgrade", "current"))
+    db = add_command(sub, "db", cmd_db, "database schema and backup")
+    db.add_argument(
+        "db_command",
+        choices=("upgrade", "current", "backup"),
+        help="upgrade: apply migrations; current: show the revision; backup PATH: a "
+        "consistent copy of a SQLite database, safe while the daemon runs",
+    )
+    db.add_argument("path", nargs="?", metavar="PATH", help="backup: the file to write")

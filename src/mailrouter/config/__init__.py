@@ -6,6 +6,7 @@
 from mailrouter.config.loader import ConfigError, load, load_from_text
 from mailrouter.config.settings import (
     DEFAULT_STATE_DIR,
+    PACKAGED_TEMPLATES,
     AccountSettings,
     DeliverySettings,
     HttpSettings,
@@ -23,6 +24,7 @@ from mailrouter.config.settings import (
 
 __all__ = [
     "DEFAULT_STATE_DIR",
+    "PACKAGED_TEMPLATES",
     "AccountSettings",
     "ConfigError",
     "DeliverySettings",

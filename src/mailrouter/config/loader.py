@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mailrouter.config.settings import (
+    PACKAGED_TEMPLATES,
     AccountSettings,
     DeliverySettings,
     HttpSettings,
@@ -324,8 +325,12 @@ def load_from_text(
     auto_upgrade = db.get("auto_upgrade", bool)
 
     tpl = top.sub("templates")
-    tdir = Path(tpl.get("directory", str)).expanduser()
-    template_dir = tdir if tdir.is_absolute() else config_dir / tdir
+    tdir_raw = tpl.get("directory", str)
+    if tdir_raw is None:
+        template_dir = PACKAGED_TEMPLATES
+    else:
+        tdir = Path(tdir_raw).expanduser()
+        template_dir = tdir if tdir.is_absolute() else config_dir / tdir
     references_limit = tpl.positive("references_limit", int)
     if references_limit < 2:
         raise tpl.fail("references_limit", "must be at least 2 (first and last id)")

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 __all__ = [
     "DEFAULT_STATE_DIR",
+    "PACKAGED_TEMPLATES",
     "AccountSettings",
     "DeliverySettings",
     "HttpSettings",
@@ -33,6 +34,9 @@ __all__ = [
 ]
 
 DEFAULT_STATE_DIR = "./var"
+# The notice templates shipped inside the package (package data, in the wheel too): what
+# a config file that does not set templates.directory gets.
+PACKAGED_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 _UNSET: Any = object()
 
@@ -251,7 +255,8 @@ class Settings:
     database_url: str = field(metadata=_in_file("database.url", default="sqlite:///mailrouter.db"))
     auto_upgrade: bool = field(metadata=_in_file("database.auto_upgrade", default=True))
     accounts: tuple[AccountSettings, ...]
-    template_dir: Path = field(metadata=_in_file("templates.directory", default="templates"))
+    # In a file: relative to the file's directory; not set, PACKAGED_TEMPLATES.
+    template_dir: Path = field(metadata=_in_file("templates.directory", default=None))
     references_limit: int = field(default=20, metadata=_in_file("templates.references_limit"))
     outbound: OutboundSettings = OutboundSettings()
     outbox: OutboxSettings = OutboxSettings()

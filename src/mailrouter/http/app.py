@@ -1,5 +1,5 @@
-"""The FastAPI application: ``/healthz``, the JSON API under ``/api/v1`` and its OpenAPI,
-and the agents' web desk (:mod:`mailrouter.http.desk`) at ``/``.
+"""The FastAPI application: ``/healthz``, ``/metrics``, the JSON API under ``/api/v1`` and
+its OpenAPI, and the agents' web desk (:mod:`mailrouter.http.desk`) at ``/``.
 
 :func:`create_app` builds it around an open :class:`~mailrouter.runtime.Runtime`, so
 the daemon serves it and tests (or another front end such as the desk) can mount
@@ -13,10 +13,9 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
 
 from mailrouter import __version__
-from mailrouter.http import desk, problems
+from mailrouter.http import desk, health, problems
 from mailrouter.http.api import router as api_router
 from mailrouter.runtime import Runtime
 
@@ -33,17 +32,18 @@ Errors are `application/problem+json` (RFC 9457). See docs/api.md.
 """
 
 
-class Health(BaseModel):
-    status: str
-    version: str
-
-
 def _nothing() -> None:
     return None
 
 
-def create_app(runtime: Runtime, *, wake: Callable[[], None] | None = None) -> FastAPI:
-    """The HTTP application over ``runtime``; ``wake`` is called after mail was queued."""
+def create_app(
+    runtime: Runtime,
+    *,
+    wake: Callable[[], None] | None = None,
+    live: health.LiveState | None = None,
+) -> FastAPI:
+    """The HTTP application over ``runtime``; ``wake`` is called after mail was queued,
+    ``live`` (the daemon's) tells ``/healthz?verbose=1`` what the running daemon knows."""
     app = FastAPI(
         title="mailrouter",
         version=__version__,
@@ -57,13 +57,9 @@ def create_app(runtime: Runtime, *, wake: Callable[[], None] | None = None) -> F
     )
     app.state.runtime = runtime
     app.state.wake = wake or _nothing
+    app.state.live = live
     problems.install(app)
-
-    @app.get("/healthz", tags=["health"], response_model=Health)
-    async def healthz() -> Health:
-        """The daemon is up and serving."""
-        return Health(status="ok", version=__version__)
-
+    app.include_router(health.router)
     app.include_router(api_router)
     desk.mount(app)  # the agents' web desk at /, outside the OpenAPI document
 

@@ -49,9 +49,10 @@ class ProblemType:
     title: str
 
 
-# The one table.  401: who are you; 404: no such thing, or not yours to see (the two are
-# indistinguishable on purpose); 409: refused by the interaction's state or the account's
-# rules; 422: the request itself is wrong.  A code missing here answers 409.
+# The one table.  401: who are you; 403: admins only; 404: no such thing, or not yours to
+# see (the two are indistinguishable on purpose); 409: refused by the state of the
+# interaction or queue item, or the account's rules; 422: the request itself is wrong;
+# 503: the store could not do it now (try again).  A code missing here answers 409.
 PROBLEMS: Mapping[str, ProblemType] = {
     "unauthenticated": ProblemType(401, "Authentication required"),
     "bad-token": ProblemType(401, "Invalid token"),
@@ -71,6 +72,15 @@ PROBLEMS: Mapping[str, ProblemType] = {
     "agent-exists": ProblemType(409, "Agent exists"),
     "not-held": ProblemType(409, "Not held"),
     "not-failed": ProblemType(409, "Not failed"),
+    # The queue (deliver/queue.py): what state the item is in keeps it from the operation.
+    "not-a-job": ProblemType(409, "Not a delivery job"),
+    "already-held": ProblemType(409, "Already held"),
+    "held": ProblemType(409, "Held"),
+    "being-delivered": ProblemType(409, "Being delivered"),
+    "already-sent": ProblemType(409, "Already sent"),
+    "deleted": ProblemType(409, "Deleted"),
+    "failed": ProblemType(409, "Failed for good"),
+    "wrong-state": ProblemType(409, "Wrong state"),
     "idempotency-key-in-use": ProblemType(409, "Idempotency key in use"),
     "too-large": ProblemType(413, "Request too large"),
     "bad-request": ProblemType(422, "Invalid request"),
@@ -78,12 +88,14 @@ PROBLEMS: Mapping[str, ProblemType] = {
     "empty-body": ProblemType(422, "Empty reply"),
     "bad-reply": ProblemType(422, "Reply cannot be composed"),
     "bad-cursor": ProblemType(422, "Invalid cursor"),
+    "bad-queue-id": ProblemType(422, "Invalid queue id"),
     "bad-period": ProblemType(422, "Invalid period"),
     "idempotency-key-reused": ProblemType(422, "Idempotency key reused"),
     "bad-agent-name": ProblemType(422, "Invalid agent name"),
     "no-accounts": ProblemType(422, "No accounts"),
     "weak-password": ProblemType(422, "Password too short"),
     "internal-error": ProblemType(500, "Internal error"),
+    "store-unavailable": ProblemType(503, "Store unavailable"),
 }
 REFUSED = ProblemType(409, "Refused")
 
@@ -130,9 +142,11 @@ _DESCRIPTIONS = {
     401: "Missing, unknown, rotated or revoked bearer token",
     403: "Only admins may do this",
     404: "Unknown, or not visible to this agent",
-    409: "Refused by the interaction's state or the account's rules; nothing changed",
+    409: "Refused by the state of the interaction or queue item, or the account's rules; "
+    "nothing changed",
     413: "Request body too large",
     422: "Invalid request (body, query or header); nothing changed",
+    503: "The store could not do it now; nothing changed, try again",
 }
 
 

@@ -11,7 +11,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
 from mailrouter.errors import Refused
-from mailrouter.http.api import accounts, interactions, problem_types, reports
+from mailrouter.http.api import accounts, interactions, problem_types, queue, reports
 
 __all__ = ["router"]
 
@@ -33,5 +33,5 @@ async def known_query_only(request: Request) -> None:
 
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(known_query_only)])
-for module in (accounts, interactions, reports, problem_types):
+for module in (accounts, interactions, reports, queue, problem_types):
     router.include_router(module.router)

@@ -18,6 +18,11 @@ __all__ = [
     "InteractionDetail",
     "InteractionPage",
     "Message",
+    "QueueAttempt",
+    "QueueChange",
+    "QueueFlush",
+    "QueueItem",
+    "QueueItemDetail",
     "Reply",
     "ReplyQueued",
     "Report",
@@ -174,3 +179,74 @@ class Report(_Out):
     to: Timestamp
     attributed_to: Literal["current account"]
     accounts: list[ReportRow]
+
+
+class QueueItem(_Out):
+    """One row of ``mailrouter queue --json``: an outbox job (``o34``) or a message held
+    for inspection (``m12``, kind ``message``)."""
+
+    queue_id: str = Field(description="`o34`: outbox job 34; `m12`: held message 12")
+    id: int
+    kind: Literal["deliver", "notify", "reply", "message"]
+    account: str
+    interaction: int | None
+    status: str = Field(
+        description="a job: pending, sending, sent, failed, held or deleted; a message: held"
+    )
+    attempts: int
+    to: str | None = Field(description="envelope recipients, comma-separated")
+    created_at: MaybeTimestamp
+    next_attempt_at: MaybeTimestamp
+    deadline: MaybeTimestamp
+    sent_at: MaybeTimestamp
+    last_error: str | None
+    reason: str | None = Field(
+        description="why it is in the queue: deferred, bounced, expired, held by operator, "
+        "… or a held message's hold reason"
+    )
+    message_id: str | None
+
+
+class QueueAttempt(_Out):
+    """One delivery attempt with the server's reply (``queue show``, ``trace``)."""
+
+    attempt: int
+    started_at: MaybeTimestamp
+    finished_at: MaybeTimestamp
+    status: str = Field(description="sent, deferred or bounced")
+    relay: str | None
+    dsn: str | None
+    reply: str | None
+
+
+class QueueItemDetail(QueueItem):
+    """``mailrouter queue show ID --json``: a job's envelope, headers and every attempt;
+    a held message's envelope, headers and where the routing stopped."""
+
+    envelope_from: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    message: int | None = Field(default=None, description="a job: the stored message's id")
+    attempt_log: list[QueueAttempt] | None = Field(default=None, description="a job's attempts")
+    source: str | None = Field(default=None, description="a held message: how it came in")
+    size: int | None = None
+    rule: str | None = None
+    step: str | None = None
+    automatic: str | None = None
+
+
+class QueueChange(_Out):
+    """What an operation did to one item: a line of ``queue ACTION ID --json``'s items."""
+
+    queue_id: str
+    status: str = Field(description="the item's status afterwards")
+    action: str | None = Field(description="a released message: what the routing decided now")
+    rule: str | None
+    interaction: int | None
+    reason: str | None
+    job: str | None = Field(description="a released message: its new delivery job (`o…`)")
+
+
+class QueueFlush(_Out):
+    """``queue retry --all``: pending jobs made due now (the daemon delivers them)."""
+
+    made_due: int
