@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, Select, delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from mailrouter.store.models import INSTANCES, OUTBOX, OutboxStatus
+from mailrouter.store.models import INSTANCES, LEASES, OUTBOX, OutboxStatus
 
 __all__ = ["alive_ids", "claim_is_dead", "heartbeat", "register", "retire"]
 
@@ -64,13 +64,23 @@ def heartbeat(session: Session, instance_id: str, now: datetime) -> bool:
 
 
 def retire(session: Session, ids: Select[tuple[str]] | list[str], now: datetime) -> int:
-    """Mark instances stopped and give their claims back (due now); returns the claims freed."""
-    which = _I.id.in_(ids)
-    session.connection().execute(
-        update(INSTANCES).where(which, _I.stopped_at.is_(None)).values(stopped_at=now)
+    """Mark instances stopped and give their claims back (due now); returns the claims freed.
+
+    Their leases (an IMAP mailbox being watched) are freed too: a daemon restarted after
+    a crash must not wait in standby for its own dead incarnation's lease to run out.
+    """
+    conn = session.connection()
+    # Resolved once: a query such as "this name's running incarnations" matches nothing
+    # once they are marked stopped, and the claims and leases below would stay taken.
+    ids = [str(i) for i in conn.execute(ids).scalars()] if not isinstance(ids, list) else ids
+    if not ids:
+        return 0
+    conn.execute(
+        update(INSTANCES).where(_I.id.in_(ids), _I.stopped_at.is_(None)).values(stopped_at=now)
     )
+    conn.execute(delete(LEASES).where(LEASES.c.holder.in_(ids)))
     o = OUTBOX.c
-    res = session.connection().execute(
+    res = conn.execute(
         update(OUTBOX)
         .where(o.status == OutboxStatus.SENDING.value, o.claimed_by.in_(ids))
         .values(
