@@ -35,7 +35,7 @@ class Runtime:
     @classmethod
     def open(cls, settings: Settings, *, upgrade: bool | None = None) -> Runtime:
         """Open the store, check (or upgrade) its schema and mirror the configured accounts."""
-        db = open_database(settings.database_url)
+        db = open_database(settings.database_url, busy_timeout=settings.database_busy_timeout)
         try:
             ensure_schema(db, settings.auto_upgrade if upgrade is None else upgrade)
             with db.read() as session:

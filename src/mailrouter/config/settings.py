@@ -190,6 +190,9 @@ class Settings:
     accounts: tuple[AccountSettings, ...]
     template_dir: Path = field(metadata=_in_file("templates.directory", default="templates"))
     references_limit: int = field(default=20, metadata=_in_file("templates.references_limit"))
+    # SQLite: how long a writer waits for another connection's lock before the store
+    # counts as unavailable (SMTP 451, the outbox retries).
+    database_busy_timeout: float = field(default=30.0, metadata=_in_file("database.busy_timeout"))
     outbound: OutboundSettings = OutboundSettings()
     outbox: OutboxSettings = OutboxSettings()
     # Built in code, Settings listens nowhere; a config file gets an SMTP listener on 2525
