@@ -720,3 +720,76 @@ def _check(
         problems.append(f"protocol errors seen by the client: {result.client}")
     crashes = [line for line in daemon.lines if " error " in line or " critical " in line]
     problems += [f"daemon logged: {line[:300]}" for line in crashes[:5]]
+
+
+class HoldingLMTP:
+    """An LMTP server on loopback that can hold a delivery: after the final dot it waits
+    for :meth:`release` before answering 250 — the moment a delivery is done at the other
+    end but not yet recorded by the outbox.  Records every message it accepted."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port: int = self.sock.getsockname()[1]
+        self.holding = True
+        self.arrived = threading.Event()
+        self._released = threading.Event()
+        self.delivered: list[bytes] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self.holding = False
+        self._released.set()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        conn.settimeout(120)
+        with conn, conn.makefile("rwb") as f:
+            f.write(b"220 holding LMTP\r\n")
+            f.flush()
+            rcpts = 0
+            for _ in range(10_000):  # bounded: a session is a few commands
+                line = f.readline()
+                if not line:
+                    return
+                verb = line[:4].upper()
+                if verb == b"LHLO":
+                    f.write(b"250-holding\r\n250 8BITMIME\r\n")
+                elif verb == b"RCPT":
+                    rcpts += 1
+                    f.write(b"250 2.1.5 ok\r\n")
+                elif verb == b"DATA":
+                    f.write(b"354 go ahead\r\n")
+                    f.flush()
+                    body = b"".join(iter(f.readline, b".\r\n"))
+                    if self.holding:
+                        self.arrived.set()
+                        self._released.wait(120)
+                    with self._lock:
+                        self.delivered.append(body)
+                    f.write(b"250 2.0.0 delivered\r\n" * rcpts)
+                elif verb == b"QUIT":
+                    f.write(b"221 2.0.0 bye\r\n")
+                    f.flush()
+                    return
+                else:
+                    f.write(b"250 2.0.0 ok\r\n")
+                f.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._released.set()
+        self._thread.join(timeout=10)
+        self.sock.close()
