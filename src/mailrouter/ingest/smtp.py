@@ -66,7 +66,8 @@ class IngestHandler:
                 rcpt=address,
                 code=550,
             )
-            return f"550 5.1.1 <{address}>: Recipient address rejected: not a mailrouter account"
+            reply = f"550 5.1.1 <{address}>: Recipient address rejected: not a mailrouter account"
+            return _logged(server, reply)
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
@@ -86,7 +87,7 @@ class IngestHandler:
             )
         except StoreUnavailable as exc:
             event(log, "tempfail", logging.ERROR, proto=self.proto, error=str(exc))
-            return self._per_recipient(envelope, TEMPFAIL)
+            return _logged(server, self._per_recipient(envelope, TEMPFAIL))
         if self.on_accepted is not None:
             self.on_accepted()
         d = result.decision
@@ -105,10 +106,38 @@ class IngestHandler:
         return TEMPFAIL
 
 
+def _logged(server: SMTP, reply: str) -> str:
+    """``reply``, marked as already logged by the handler (see _TellsListener.push)."""
+    if isinstance(server, _TellsListener):
+        server.logged_reply = reply
+    return reply
+
+
 class _TellsListener(asyncio.Protocol):
-    """Tells the listener when a session ends, so the connection cap and drain know."""
+    """Tells the listener when a session ends, so the connection cap and drain know; and
+    logs the refusals aiosmtpd sends by itself."""
 
     on_close: Callable[[], None] | None = None
+    logged_reply: str | None = None  # a refusal IngestHandler has logged with its details
+
+    async def push(self, status: str | bytes) -> None:
+        # aiosmtpd answers some things without asking the handler — "500 Line too long"
+        # and "552 Too much mail data" after DATA, syntax and sequence errors — and logs
+        # none of them.  Every refusal must leave a line for the operator.
+        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        if text[:1] in ("4", "5") and text != self.logged_reply:
+            session = getattr(self, "session", None)
+            peer = getattr(session, "peer", None)
+            event(
+                log,
+                "refused",
+                logging.INFO,
+                proto="lmtp" if isinstance(self, LMTP) else "smtp",
+                peer=peer[0] if peer else None,
+                reply=text[:200],
+            )
+        self.logged_reply = None
+        await super().push(status)  # type: ignore[misc]
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
