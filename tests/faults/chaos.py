@@ -377,6 +377,7 @@ class MtaProcess:
         self._offset = 0
         self._partial = b""
         self.records: list[dict[str, Any]] = []
+        self._first_ack: dict[int, float] = {}  # message → when it got its first 250
 
     def poll(self) -> list[dict[str, Any]]:
         """Read new ledger lines; returns every record so far."""
@@ -386,16 +387,19 @@ class MtaProcess:
         self._offset += len(chunk)
         data = self._partial + chunk
         *complete, self._partial = data.split(b"\n")
-        self.records += [json.loads(line) for line in complete if line]
+        new = [json.loads(line) for line in complete if line]
+        for r in new:
+            if 200 <= r["code"] < 300:
+                self._first_ack.setdefault(r["n"], r["t"])
+        self.records += new
         return self.records
 
     def acked(self, before: float | None = None) -> set[int]:
         """Messages with at least one 250 (optionally, acknowledged before ``before``)."""
-        return {
-            r["n"]
-            for r in self.poll()
-            if 200 <= r["code"] < 300 and (before is None or r["t"] < before)
-        }
+        self.poll()
+        if before is None:
+            return set(self._first_ack)
+        return {n for n, t in self._first_ack.items() if t < before}
 
     def wait(self, within: float) -> dict[str, Any]:
         try:
