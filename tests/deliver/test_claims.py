@@ -259,3 +259,43 @@ def test_sigkill_during_a_delivery_then_restart_delivers_it_within_seconds(
         assert took < settings.outbox.lease / 10  # seconds, not the 300 s lease
     finally:
         lmtp.close()
+
+
+def test_a_one_pass_flush_beats_so_a_slow_delivery_keeps_its_claim(tmp_path: Path) -> None:
+    """`mailrouter queue flush` (and the daemon's last pass at stop) run run_once() without
+    the daemon's heartbeat task: a delivery slower than outbox.dead_after must still not
+    look dead to another worker, which would send it a second time."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
+    from chaos import HoldingLMTP
+
+    lmtp = HoldingLMTP()
+    try:
+        text = config_text(tmp_path) + (
+            "\n[outbox]\nheartbeat = 0.2\ndead_after = 1.0\n"
+            f'\n[accounts.sales.delivery]\ntype = "lmtp"\nport = {lmtp.port}\ntimeout = 60\n'
+        )
+        (tmp_path / "mailrouter.toml").write_text(text, "utf-8")
+        settings = load(tmp_path / "mailrouter.toml", env={})
+        with pipeline(settings) as rt:
+            job_id = one_queued_delivery(rt)
+            flusher, other = OutboxWorker(rt), OutboxWorker(rt, name="daemon")
+
+            async def scenario() -> tuple[list[Job], int]:
+                flushing = asyncio.create_task(flusher.run_once())
+                assert await asyncio.to_thread(lmtp.arrived.wait, 30)  # held at the server
+                stolen: list[Job] = []
+                loop = asyncio.get_running_loop()
+                until = loop.time() + 3 * settings.outbox.dead_after
+                while loop.time() < until and not stolen:  # bounded: three dead_afters
+                    stolen = await asyncio.to_thread(claim, rt, other)
+                    await asyncio.sleep(0.1)
+                lmtp.release()
+                return stolen, await asyncio.wait_for(flushing, 30)
+
+            stolen, attempted = asyncio.run(scenario())
+            assert stolen == [], "a live flush's claim was taken for dead"
+            assert attempted == 1
+            assert status(rt, job_id) == "sent"
+            assert len(lmtp.delivered) == 1
+    finally:
+        lmtp.close()

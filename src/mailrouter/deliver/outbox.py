@@ -393,13 +393,24 @@ class OutboxWorker:
         return len(jobs) - len(skipped)
 
     async def run_once(self, max_rounds: int = 1000) -> int:
-        """Process everything due now (bounded); returns how many jobs were attempted."""
+        """Process everything due now (bounded); returns how many jobs were attempted.
+
+        Beats while it works: a CLI flush, or the daemon's last pass after its heartbeat
+        stage has stopped, may take longer than ``outbox.dead_after``, and its claims
+        must not look dead to another worker meanwhile (that one would send them again).
+        """
         done = 0
-        for _ in range(max_rounds):
-            n = await self._round()
-            if not n:
-                break
-            done += n
+        stop = asyncio.Event()
+        beating = asyncio.create_task(self.beat(stop))
+        try:
+            for _ in range(max_rounds):
+                n = await self._round()
+                if not n:
+                    break
+                done += n
+        finally:
+            stop.set()
+            await asyncio.gather(beating, return_exceptions=True)
         return done
 
     async def beat(self, stop: asyncio.Event) -> None:
