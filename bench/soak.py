@@ -63,15 +63,21 @@ def report(r: RunResult) -> None:
         f"   duplicated    {r.duplicated}\n"
         f"   stuck         {r.stuck}\n"
         f"   split/merged  {r.split}/{r.merged}\n"
-        f"   longest delay after a restart  {r.longest_recovery:.1f} s  "
-        f"(measured for {len(r.recoveries)} of {r.kills} restarts; the others were killed "
-        "again first)\n"
+        f"   deliveries the killed process had claimed, per kill  {r.in_flight_at_kills}\n"
+        f"   longest delay after a restart, until\n"
+        f"     the deliveries the killed process had claimed were done  "
+        f"{r.longest_stranded:.1f} s  (measured for {len(r.stranded)} of {r.kills})\n"
+        f"     everything acknowledged before the kill was delivered  "
+        f"{r.longest_recovery:.1f} s  (measured for {len(r.recoveries)} of {r.kills}; the "
+        "others were killed again first)\n"
         f"   all delivered {r.finish_after_last_restart:.1f} s after the last restart\n"
         f"   run took      {r.seconds:.0f} s   seed {r.seed}",
         flush=True,
     )
     for p in r.problems[:20]:
         print(f"   PROBLEM: {p}", flush=True)
+    for p in r.slow[:20]:
+        print(f"   slow (not a failure here): {p}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

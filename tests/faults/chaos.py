@@ -489,6 +489,22 @@ def store_facts(db: Path) -> StoreFacts:
     return StoreFacts(messages, recipients, outbox, unfinished)
 
 
+def in_flight(db: Path) -> set[str]:
+    """Message-IDs of the deliveries claimed (``sending``) right now — after a kill: what
+    the dead process had in hand."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return {
+            mid
+            for (mid,) in conn.execute(
+                "SELECT m.message_id FROM outbox o JOIN messages m ON m.id = o.message_pk"
+                " WHERE o.status = 'sending' AND o.kind = 'deliver'"
+            )
+        }
+    finally:
+        conn.close()
+
+
 def outbox_open(db: Path) -> int:
     """Outbox rows not yet sent or failed (pending or in flight)."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
@@ -502,6 +518,17 @@ def outbox_open(db: Path) -> int:
 
 
 # --------------------------------------------------------------------------- kill -9 runs
+
+
+@dataclass
+class Restart:
+    """One restart after a kill, and how long it took to make good what the kill left."""
+
+    at: float  # time.monotonic() of the spawn
+    owed: set[str]  # acknowledged before the kill
+    stranded: set[str]  # deliveries the killed process had claimed
+    owed_took: float | None = None  # None: not yet; -1: killed again first
+    stranded_took: float | None = None
 
 
 @dataclass
@@ -519,14 +546,21 @@ class RunResult:
     split: int = 0  # conversations spread over several interactions
     merged: int = 0  # interactions holding several conversations
     recoveries: list[float] = field(default_factory=list)  # per restart, see kill_run
+    stranded: list[float] = field(default_factory=list)  # per restart, see kill_run
+    in_flight_at_kills: list[int] = field(default_factory=list)
     finish_after_last_restart: float = 0.0
     client: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # lost, doubled, stuck, split …
+    slow: list[str] = field(default_factory=list)  # past the time bound
 
     @property
     def longest_recovery(self) -> float:
         return max(self.recoveries, default=0.0)
+
+    @property
+    def longest_stranded(self) -> float:
+        return max(self.stranded, default=0.0)
 
     def summary(self) -> str:
         return (
@@ -534,6 +568,8 @@ class RunResult:
             f"lost={self.lost} duplicated={self.duplicated} stuck={self.stuck} "
             f"split={self.split} merged={self.merged} "
             f"longest_delay_after_restart={self.longest_recovery:.1f}s "
+            f"(in-flight work {self.longest_stranded:.1f}s, in flight at kills "
+            f"{self.in_flight_at_kills}) "
             f"done_after_last_restart={self.finish_after_last_restart:.1f}s "
             f"retries={self.client.get('retries')} seconds={self.seconds:.0f} seed={self.seed}"
         )
@@ -586,16 +622,17 @@ def kill_run(
         lo, hi = max(1, n // 12), max(2, n * 17 // 20)
         points = sorted(rnd.sample(range(lo, hi), min(kills, hi - lo)))
         last_restart = time.monotonic()
-        # One tracker per restart: [restart time, what was acknowledged before the kill,
-        # seconds until all of it was delivered (None: not yet; -1: killed again first)].
-        trackers: list[list[Any]] = []
+        restarts: list[Restart] = []
 
         def track() -> None:
-            if any(t[2] is None for t in trackers):
+            open_ = [r for r in restarts if r.owed_took is None or r.stranded_took is None]
+            if open_:
                 have, now = boxes.scan().keys(), time.monotonic()
-                for t in trackers:
-                    if t[2] is None and t[1] <= have:
-                        t[2] = now - t[0]
+                for r in open_:
+                    if r.owed_took is None and r.owed <= have:
+                        r.owed_took = now - r.at
+                    if r.stranded_took is None and r.stranded <= have:
+                        r.stranded_took = now - r.at
 
         for k, point in enumerate(points, 1):
             # Killed while the client still sends, and never before the daemon took new
@@ -611,17 +648,24 @@ def kill_run(
             killed_at = time.time()
             daemon.kill()
             result.kills += 1
-            for t in trackers:
-                t[2] = -1.0 if t[2] is None else t[2]
+            for r in restarts:
+                r.owed_took = -1.0 if r.owed_took is None else r.owed_took
+                r.stranded_took = -1.0 if r.stranded_took is None else r.stranded_took
             before = mta.acked(before=killed_at)
+            stranded = in_flight(db)
+            result.in_flight_at_kills.append(len(stranded))
             if len(before) >= n:
                 result.problems.append(f"kill {k} came after the client's last 250")
             time.sleep(rnd.uniform(0.0, 1.0))  # down: the client meets refused connections
             last_restart = time.monotonic()
             daemon.start()
             ready = daemon.wait_ready()
-            trackers.append([last_restart, {items[i].message_id for i in before}, None])
-            say(f"kill {k} after {len(before)} acks; ready again after {ready:.1f} s")
+            owed = {items[i].message_id for i in before}
+            restarts.append(Restart(last_restart, owed, stranded))
+            say(
+                f"kill {k} after {len(before)} acks, {len(stranded)} deliveries claimed; "
+                f"ready again after {ready:.1f} s"
+            )
 
         def client_done() -> bool:
             track()
@@ -634,19 +678,39 @@ def kill_run(
         result.acked = len(acked)
         want = {i.message_id for i in items}
         try:
-            wait_until(lambda: (track(), want <= boxes.scan().keys())[1], bound, "all delivered")
+            # A backlog (ingest outruns delivery) drains at the machine's pace: past
+            # ``bound`` it is slow, past the larger deadline it is stuck.
+            drained = wait_until(
+                lambda: (track(), want <= boxes.scan().keys())[1],
+                max(bound * 4, n * 0.1),
+                "all delivered",
+            )
+            if drained > bound:
+                result.slow.append(f"all delivered {drained:.1f} s after the last 250")
             wait_until(lambda: outbox_open(db) == 0, bound, "the outbox empty")
         except AssertionError as exc:
             result.problems.append(str(exc))
         track()
-        for k, (_t, _wanted, took) in enumerate(trackers, 1):
-            if took is None:
+        for k, r in enumerate(restarts, 1):
+            if r.stranded_took is not None and r.stranded_took >= 0:
+                result.stranded.append(r.stranded_took)
+                if r.stranded_took > bound:
+                    result.slow.append(
+                        f"restart {k}: in-flight work done after {r.stranded_took:.1f} s"
+                    )
+            if r.owed_took is None:
                 result.problems.append(f"restart {k}: what it was owed was never delivered")
-            elif took >= 0:
-                result.recoveries.append(took)
-                say(f"restart {k}: all acknowledged before its kill delivered after {took:.1f} s")
-                if took > bound:
-                    result.problems.append(f"restart {k}: delivered only after {took:.1f} s")
+            elif r.owed_took >= 0:
+                result.recoveries.append(r.owed_took)
+                say(
+                    f"restart {k}: the {len(r.stranded)} claimed by the killed process "
+                    f"delivered after {r.stranded_took:.1f} s, all {len(r.owed)} acknowledged "
+                    f"before the kill after {r.owed_took:.1f} s"
+                )
+                if r.owed_took > bound:
+                    result.slow.append(
+                        f"restart {k}: acknowledged mail delivered after {r.owed_took:.1f} s"
+                    )
             else:
                 say(f"restart {k}: killed again before it had delivered everything")
         result.finish_after_last_restart = time.monotonic() - last_restart
