@@ -13,6 +13,7 @@ the store cannot take its outcome must be recorded once the store is back — ne
 from __future__ import annotations
 
 import resource
+import signal
 import smtplib
 import sqlite3
 import time
@@ -133,6 +134,11 @@ def test_disk_full_answers_451_acknowledges_only_what_is_stored_and_recovers(
         assert rig.send(f"before-{i}") == 250
     rig.hold_a_delivery()
     mark = len(rig.daemon.lines)
+    # The premise: SIGXFSZ ignored (Python does so at start-up), so a write beyond the
+    # limit fails with EFBIG instead of killing the daemon.
+    status = Path(f"/proc/{rig.daemon.pid}/status").read_text()
+    ignored = int(next(x for x in status.splitlines() if x.startswith("SigIgn:")).split()[1], 16)
+    assert ignored & (1 << (signal.SIGXFSZ - 1))
 
     resource.prlimit(rig.daemon.pid, resource.RLIMIT_FSIZE, (FULL, resource.RLIM_INFINITY))
     rig.lmtp.release()  # delivered at the other end; recording it needs the disk
