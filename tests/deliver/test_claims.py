@@ -271,7 +271,7 @@ def test_a_one_pass_flush_beats_so_a_slow_delivery_keeps_its_claim(tmp_path: Pat
     lmtp = HoldingLMTP()
     try:
         text = config_text(tmp_path) + (
-            "\n[outbox]\nheartbeat = 0.2\ndead_after = 1.0\n"
+            "\n[outbox]\nheartbeat = 0.2\ndead_after = 2.0\n"
             f'\n[accounts.sales.delivery]\ntype = "lmtp"\nport = {lmtp.port}\ntimeout = 60\n'
         )
         (tmp_path / "mailrouter.toml").write_text(text, "utf-8")
@@ -285,8 +285,8 @@ def test_a_one_pass_flush_beats_so_a_slow_delivery_keeps_its_claim(tmp_path: Pat
                 assert await asyncio.to_thread(lmtp.arrived.wait, 30)  # held at the server
                 stolen: list[Job] = []
                 loop = asyncio.get_running_loop()
-                until = loop.time() + 3 * settings.outbox.dead_after
-                while loop.time() < until and not stolen:  # bounded: three dead_afters
+                until = loop.time() + 2 * settings.outbox.dead_after
+                while loop.time() < until and not stolen:  # bounded: two dead_afters
                     stolen = await asyncio.to_thread(claim, rt, other)
                     await asyncio.sleep(0.1)
                 lmtp.release()

@@ -619,7 +619,8 @@ def kill_run(
         deadline=max(300.0, n * 0.5), seed=seed,
     )  # fmt: skip
     try:
-        lo, hi = max(1, n // 12), max(2, n * 17 // 20)
+        # Kill points end at 70 %: each kill must still find the client sending.
+        lo, hi = max(1, n // 12), max(2, n * 7 // 10)
         points = sorted(rnd.sample(range(lo, hi), min(kills, hi - lo)))
         last_restart = time.monotonic()
         restarts: list[Restart] = []

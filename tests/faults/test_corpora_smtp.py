@@ -103,7 +103,7 @@ def test_every_corpus_message_through_smtp_is_accepted_or_refused_cleanly(
         # Still serving: a plain message right after the corpus is accepted.
         with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as c:
             c.sendmail("a@corpus.test", ["sales@example.test"], b"Subject: ok\r\n\r\nok\r\n")
-        wait_until(lambda: outbox_open(db) == 0, 120, "every accepted message delivered")
+        wait_until(lambda: outbox_open(db) == 0, 300, "every accepted message delivered")
         assert daemon.stop() == 0
     finally:
         if daemon.alive:
