@@ -80,6 +80,25 @@ def test_a_restarted_instance_takes_back_its_predecessors_claims_at_once(
             assert old is not None and old.stopped_at is not None
 
 
+def test_work_a_crash_interrupted_keeps_its_place_at_the_head_of_the_queue(
+    store: Settings,
+) -> None:
+    """Taken back by the restart, the dead one's claim is claimed first again — not put
+    behind the backlog that arrived meanwhile (the soak saw it wait 28 s there)."""
+    with pipeline(store) as rt:
+        job_id = one_queued_delivery(rt)
+        dead = OutboxWorker(rt, name="host-a:/var/lib/mailrouter")
+        assert [j.id for j in claim(rt, dead)] == [job_id]
+        newer = accept(
+            rt, b"From: b@customer.test\nTo: sales@example.test\nMessage-ID: <n@c.t>\n\nhi\n"
+        ).outbox_id
+        restarted = OutboxWorker(rt, name="host-a:/var/lib/mailrouter")
+        with rt.db.write() as s:
+            assert [j.id for j in restarted._claim_in(s, 1)] == [job_id]
+        with rt.db.write() as s:
+            assert [j.id for j in restarted._claim_in(s, 1)] == [newer]
+
+
 def test_claims_of_a_silent_instance_come_back_after_dead_after(store: Settings) -> None:
     """Another instance's claims come back once its heartbeat is older than dead_after."""
     with pipeline(store) as rt:

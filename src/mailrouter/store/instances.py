@@ -80,15 +80,13 @@ def retire(session: Session, ids: Select[tuple[str]] | list[str], now: datetime)
     )
     conn.execute(delete(LEASES).where(LEASES.c.holder.in_(ids)))
     o = OUTBOX.c
+    # next_attempt_at stays as it was (due already, or it would not have been claimed):
+    # the work a crash interrupted keeps its place at the head of the queue instead of
+    # waiting behind the whole backlog.
     res = conn.execute(
         update(OUTBOX)
         .where(o.status == OutboxStatus.SENDING.value, o.claimed_by.in_(ids))
-        .values(
-            status=OutboxStatus.PENDING.value,
-            claimed_by=None,
-            claimed_until=None,
-            next_attempt_at=now,
-        )
+        .values(status=OutboxStatus.PENDING.value, claimed_by=None, claimed_until=None)
     )
     return int(res.rowcount or 0)
 
