@@ -49,7 +49,7 @@ class Runtime:
 
         With ``metrics``, the stages count into it, and it reads its store gauges from here.
         """
-        db = open_database(settings.database_url)
+        db = open_database(settings.database_url, busy_timeout=settings.database_busy_timeout)
         try:
             ensure_schema(db, settings.auto_upgrade if upgrade is None else upgrade)
             with db.read() as session:

@@ -80,6 +80,25 @@ def test_a_restarted_instance_takes_back_its_predecessors_claims_at_once(
             assert old is not None and old.stopped_at is not None
 
 
+def test_work_a_crash_interrupted_keeps_its_place_at_the_head_of_the_queue(
+    store: Settings,
+) -> None:
+    """Taken back by the restart, the dead one's claim is claimed first again — not put
+    behind the backlog that arrived meanwhile (the soak saw it wait 28 s there)."""
+    with pipeline(store) as rt:
+        job_id = one_queued_delivery(rt)
+        dead = OutboxWorker(rt, name="host-a:/var/lib/mailrouter")
+        assert [j.id for j in claim(rt, dead)] == [job_id]
+        newer = accept(
+            rt, b"From: b@customer.test\nTo: sales@example.test\nMessage-ID: <n@c.t>\n\nhi\n"
+        ).outbox_id
+        restarted = OutboxWorker(rt, name="host-a:/var/lib/mailrouter")
+        with rt.db.write() as s:
+            assert [j.id for j in restarted._claim_in(s, 1)] == [job_id]
+        with rt.db.write() as s:
+            assert [j.id for j in restarted._claim_in(s, 1)] == [newer]
+
+
 def test_claims_of_a_silent_instance_come_back_after_dead_after(store: Settings) -> None:
     """Another instance's claims come back once its heartbeat is older than dead_after."""
     with pipeline(store) as rt:
@@ -257,5 +276,45 @@ def test_sigkill_during_a_delivery_then_restart_delivers_it_within_seconds(
             second.wait(30)
         assert len(lmtp.delivered) == 1
         assert took < settings.outbox.lease / 10  # seconds, not the 300 s lease
+    finally:
+        lmtp.close()
+
+
+def test_a_one_pass_flush_beats_so_a_slow_delivery_keeps_its_claim(tmp_path: Path) -> None:
+    """`mailrouter queue flush` (and the daemon's last pass at stop) run run_once() without
+    the daemon's heartbeat task: a delivery slower than outbox.dead_after must still not
+    look dead to another worker, which would send it a second time."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
+    from chaos import HoldingLMTP
+
+    lmtp = HoldingLMTP()
+    try:
+        text = config_text(tmp_path) + (
+            "\n[outbox]\nheartbeat = 0.2\ndead_after = 2.0\n"
+            f'\n[accounts.sales.delivery]\ntype = "lmtp"\nport = {lmtp.port}\ntimeout = 60\n'
+        )
+        (tmp_path / "mailrouter.toml").write_text(text, "utf-8")
+        settings = load(tmp_path / "mailrouter.toml", env={})
+        with pipeline(settings) as rt:
+            job_id = one_queued_delivery(rt)
+            flusher, other = OutboxWorker(rt), OutboxWorker(rt, name="daemon")
+
+            async def scenario() -> tuple[list[Job], int]:
+                flushing = asyncio.create_task(flusher.run_once())
+                assert await asyncio.to_thread(lmtp.arrived.wait, 30)  # held at the server
+                stolen: list[Job] = []
+                loop = asyncio.get_running_loop()
+                until = loop.time() + 2 * settings.outbox.dead_after
+                while loop.time() < until and not stolen:  # bounded: two dead_afters
+                    stolen = await asyncio.to_thread(claim, rt, other)
+                    await asyncio.sleep(0.1)
+                lmtp.release()
+                return stolen, await asyncio.wait_for(flushing, 30)
+
+            stolen, attempted = asyncio.run(scenario())
+            assert stolen == [], "a live flush's claim was taken for dead"
+            assert attempted == 1
+            assert status(rt, job_id) == "sent"
+            assert len(lmtp.delivered) == 1
     finally:
         lmtp.close()

@@ -279,3 +279,40 @@ async def test_connection_lost_after_data_reports_each_missing_reply(
     assert results[SALES][0] == 250
     code, text = results[SUPPORT]
     assert code == LOST_REPLY_CODE and "may have been delivered" in text
+
+
+async def test_421_after_data_is_a_lost_reply_not_a_refusal(
+    scripted: Callable[[Handler], Coroutine[Any, Any, int]],
+) -> None:
+    """A server stopped after it saved the message says "421 … Shutting down" instead of
+    250 (Dovecot does): reported as "may have been delivered" and logged, then retried."""
+
+    async def shuts_down_after_data(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 scripted LMTP\r\n")
+        while line := await r.readline():
+            if line.startswith(b"LHLO"):
+                w.write(b"250-scripted\r\n250 8BITMIME\r\n")
+            elif line.startswith((b"MAIL", b"RCPT")):
+                w.write(b"250 2.1.5 OK\r\n")
+            elif line.startswith(b"DATA"):
+                w.write(b"354 go ahead\r\n")
+                while await r.readline() != b".\r\n":
+                    pass
+                w.write(b"421 4.3.2 vm Shutting down\r\n")
+                await w.drain()
+                break
+            await w.drain()
+        w.close()
+
+    port = await scripted(shuts_down_after_data)
+    results = await lmtp_deliver(
+        "127.0.0.1",
+        port,
+        message("closing@c.test"),
+        mail_from="dana@customer.test",
+        recipients=[SALES],
+        timeout=5,
+    )
+    code, text = results[SALES]
+    assert code == LOST_REPLY_CODE
+    assert "may have been delivered" in text and "421 4.3.2 vm Shutting down" in text

@@ -266,3 +266,88 @@ class _Top(random.Random):
 class _Bottom(random.Random):
     def uniform(self, a: float, b: float) -> float:
         return a
+
+
+# --------------------------------------------------------------------------- store trouble
+
+
+def _sqlite(settings: Settings) -> str:
+    return settings.database_url.removeprefix("sqlite:///")
+
+
+def test_an_outcome_the_store_cannot_take_is_kept_and_recorded_once_it_can(
+    tmp_path: Path,
+) -> None:
+    """Delivered, then "sent" cannot be written (a real failure inside SQLite): the row is
+    not left sending until its lease runs out, and not delivered again — the next round
+    records the kept outcome before it claims anything."""
+    import sqlite3
+
+    settings = make_settings(tmp_path)
+    with pipeline(settings) as rt:
+        job_id = accept(rt, scenario(CHAIRS, "01-customer-asks.eml")).outbox_id
+        conn = sqlite3.connect(_sqlite(settings))
+        conn.execute(
+            "CREATE TRIGGER no_sent BEFORE UPDATE OF status ON outbox WHEN NEW.status = 'sent'"
+            " BEGIN SELECT RAISE(ABORT, 'injected store failure'); END"
+        )
+        conn.commit()
+        worker = OutboxWorker(rt)
+
+        async def rounds() -> tuple[str, int]:
+            assert await worker._round() == 1  # delivered; recording it failed
+            with rt.db.read() as s:
+                status = str(s.scalar(select(Outbox.status).where(Outbox.id == job_id)))
+            conn.execute("DROP TRIGGER no_sent")
+            conn.commit()
+            return status, await worker._round()  # records, then finds nothing new
+
+        (between, claimed) = asyncio.run(rounds())
+        conn.close()
+        assert (between, claimed) == ("sending", 0)
+        with rt.db.read() as s:
+            row = s.get(Outbox, job_id)
+            assert row is not None and (row.status, row.attempts) == ("sent", 1)
+        assert len(maildir_messages(settings, "sales")) == 1
+
+
+def test_the_worker_waits_out_a_store_that_refuses_writes_instead_of_crashing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Claims failing (the store refuses writes): run() logs, backs off and carries on by
+    itself once the store is back; it never raises into the supervisor."""
+    import sqlite3
+
+    settings = make_settings(tmp_path)
+    with pipeline(settings) as rt:
+        accept(rt, scenario(CHAIRS, "01-customer-asks.eml"))
+        conn = sqlite3.connect(_sqlite(settings))
+        conn.execute(
+            "CREATE TRIGGER no_claims BEFORE UPDATE OF status ON outbox"
+            " BEGIN SELECT RAISE(ABORT, 'injected store failure'); END"
+        )
+        conn.commit()
+        caplog.set_level("WARNING", logger="mailrouter.outbox")
+
+        async def scenario_() -> None:
+            stop = asyncio.Event()
+            worker = OutboxWorker(rt)
+            running = asyncio.create_task(worker.run(stop))
+            for _ in range(200):  # bounded: the first failure comes at once
+                if any("outbox-store-unavailable" in r.getMessage() for r in caplog.records):
+                    break
+                await asyncio.sleep(0.05)
+            assert not running.done()
+            conn.execute("DROP TRIGGER no_claims")
+            conn.commit()
+            for _ in range(400):  # the pause is at most a few seconds
+                if maildir_messages(settings, "sales"):
+                    break
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.wait_for(running, 30)
+
+        asyncio.run(scenario_())
+        conn.close()
+        assert len(maildir_messages(settings, "sales")) == 1
+        assert any("outbox-store-unavailable" in r.getMessage() for r in caplog.records)

@@ -58,3 +58,21 @@ def test_an_expired_lease_goes_to_the_next_instance_and_the_old_holder_loses_it(
         assert leases.holder_of(s, "imap:sales:INBOX", later) == "b"
         leases.release(s, "imap:sales:INBOX", "b")
         assert leases.holder_of(s, "imap:sales:INBOX", later) is None
+
+
+def test_a_restart_frees_the_leases_of_its_dead_predecessor_at_once(rt: Runtime) -> None:
+    """SIGKILLed while watching: the restarted incarnation of the same name registers,
+    which retires the dead one and frees its lease — no wait for the TTL."""
+    from mailrouter.store.instances import register
+
+    now = utcnow()
+    with rt.db.write() as s:
+        dead = register(s, "host-a:/var/lib/mailrouter", now)
+        assert leases.acquire(s, "imap:sales:INBOX", dead, now, 3600)
+    with rt.db.write() as s:
+        restarted = register(s, "host-a:/var/lib/mailrouter", now)
+        assert leases.holder_of(s, "imap:sales:INBOX", now) is None
+        assert leases.acquire(s, "imap:sales:INBOX", restarted, now, 3600)
+        other = register(s, "host-b:/var/lib/mailrouter", now)  # another name: no effect
+        assert leases.holder_of(s, "imap:sales:INBOX", now) == restarted
+        assert other != restarted

@@ -323,6 +323,7 @@ def load_from_text(
     db = top.sub("database")
     url = _resolve_sqlite_url(db.get("url", str), state_dir)
     auto_upgrade = db.get("auto_upgrade", bool)
+    busy_timeout = db.positive("busy_timeout", float)
 
     tpl = top.sub("templates")
     tdir_raw = tpl.get("directory", str)
@@ -357,6 +358,7 @@ def load_from_text(
         state_dir=state_dir,
         database_url=url,
         auto_upgrade=auto_upgrade,
+        database_busy_timeout=busy_timeout,
         accounts=accounts,
         template_dir=template_dir,
         references_limit=references_limit,

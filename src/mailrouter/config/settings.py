@@ -258,6 +258,9 @@ class Settings:
     # In a file: relative to the file's directory; not set, PACKAGED_TEMPLATES.
     template_dir: Path = field(metadata=_in_file("templates.directory", default=None))
     references_limit: int = field(default=20, metadata=_in_file("templates.references_limit"))
+    # SQLite: how long a writer waits for another connection's lock before the store
+    # counts as unavailable (SMTP 451, the outbox retries).
+    database_busy_timeout: float = field(default=30.0, metadata=_in_file("database.busy_timeout"))
     outbound: OutboundSettings = OutboundSettings()
     outbox: OutboxSettings = OutboxSettings()
     notify: NotifySettings = NotifySettings()

@@ -43,6 +43,10 @@ class _ProtocolError(Exception):
     """The server said something that is not an SMTP/LMTP reply."""
 
 
+class _Closing(_ProtocolError):
+    """A 421 where a recipient's reply was due: the server is closing the channel."""
+
+
 # What a broken peer or network looks like from here.  OSError covers refused and reset
 # connections, TimeoutError and ssl.SSLError; ValueError is StreamReader's line limit.
 _NETWORK_ERRORS = (OSError, asyncio.IncompleteReadError, _ProtocolError, ValueError)
@@ -209,7 +213,13 @@ async def lmtp_deliver(
                 data_sent = True  # from here a lost connection may mean "delivered"
                 await conn.send(data_payload(raw))
                 for rcpt in accepted:
-                    results[rcpt] = await conn.reply()
+                    code, text = await conn.reply()
+                    if code == 421:
+                        # RFC 5321 §3.8: the server is shutting down and says so instead
+                        # of replying.  Dovecot does this when stopped after it saved the
+                        # message: not a refusal but a lost reply, like a dropped line.
+                        raise _Closing(f"{code} {text}")
+                    results[rcpt] = (code, text)
                     replied.add(rcpt)
         except _NETWORK_ERRORS as exc:
             if not data_sent:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailrouter.config import Settings
@@ -70,6 +71,10 @@ log = logging.getLogger("mailrouter.outbox")
 
 # Deliveries attempted at once: enough to overlap I/O, few enough to be kind to a smarthost.
 CONCURRENCY = 8
+# The store refusing writes (disk full, locked): the worker pauses, doubling from this up
+# to the cap, and starts again from the bottom once a round went through.
+STORE_RETRY_INITIAL = 0.5
+STORE_RETRY_CAP = 30.0
 
 _DSN = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 _DEFAULT_DSN = {
@@ -226,6 +231,9 @@ class OutboxWorker:
         self.name = name or f"worker:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.instance_id: str | None = None
         self._wake = asyncio.Event()
+        # Attempts made whose outcome the store could not take (disk full, locked): kept
+        # here and recorded before anything new is claimed.
+        self._unrecorded: list[tuple[Job, DeliveryError | None]] = []
 
     @property
     def settings(self) -> Settings:
@@ -440,9 +448,18 @@ class OutboxWorker:
         except Exception as exc:  # noqa: BLE001 - event() logs it with exc_info
             event(log, "outbox-crashed", logging.ERROR, exc_info=True, job=job.id, kind=job.kind)
             error = DeliveryError(f"internal error: {type(exc).__name__}: {exc}")
-        outcome: Outcome = await self.rt.writes.submit(
-            lambda s: self._finish_in(s, job, error, delivered, started)
-        )
+        try:
+            outcome: Outcome = await self.rt.writes.submit(
+                lambda s: self._finish_in(s, job, error, delivered, started)
+            )
+        except Exception as exc:  # noqa: BLE001 - the store's trouble, logged and kept
+            # The attempt is over (maybe delivered) but the store cannot say so now.  Left
+            # "sending", the row would wait for its lease and then go out again; kept, it
+            # is recorded as soon as the store takes writes again (next round).
+            self._unrecorded.append((job, error))
+            why = _short(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
+            event(log, "outbox-unrecorded", logging.ERROR, job=job.id, kind=job.kind, error=why)
+            return "unrecorded"
         delay = (utcnow() - job.created_at).total_seconds()
         sent = outcome.attempt == AttemptStatus.SENT
         metrics = self.rt.metrics
@@ -470,8 +487,24 @@ class OutboxWorker:
         )
         return outcome.status
 
+    async def _record_unrecorded(self) -> None:
+        """Record the outcomes the store could not take before (raises while it still
+        cannot: the stage then backs off and comes back here)."""
+        if not self._unrecorded:
+            return
+        pending = list(self._unrecorded)
+
+        def record(s: Session) -> list[str]:
+            return [self._finish_in(s, job, error).status for job, error in pending]
+
+        statuses = await self.rt.writes.submit(record)
+        del self._unrecorded[: len(pending)]
+        for (job, _), status in zip(pending, statuses, strict=True):
+            event(log, "outbox-recorded", job=job.id, kind=job.kind, status=status)
+
     async def _round(self, stop: asyncio.Event | None = None) -> int:
         """Claim one batch and attempt it, a few deliveries at a time; returns the count."""
+        await self._record_unrecorded()
         jobs = await self.rt.writes.submit(lambda s: self._claim_in(s, self.settings.outbox.batch))
         if not jobs:
             return 0
@@ -500,19 +533,36 @@ class OutboxWorker:
         return len(jobs) - len(skipped)
 
     async def run_once(self, max_rounds: int = 1000) -> int:
-        """Process everything due now (bounded); returns how many jobs were attempted."""
+        """Process everything due now (bounded); returns how many jobs were attempted.
+
+        Beats while it works: a CLI flush, or the daemon's last pass after its heartbeat
+        stage has stopped, may take longer than ``outbox.dead_after``, and its claims
+        must not look dead to another worker meanwhile (that one would send them again).
+        """
         done = 0
-        for _ in range(max_rounds):
-            n = await self._round()
-            if not n:
-                break
-            done += n
+        stop = asyncio.Event()
+        beating = asyncio.create_task(self.beat(stop))
+        try:
+            for _ in range(max_rounds):
+                n = await self._round()
+                if not n:
+                    break
+                done += n
+        finally:
+            stop.set()
+            await asyncio.gather(beating, return_exceptions=True)
         return done
 
     async def beat(self, stop: asyncio.Event) -> None:
         """Say this instance is alive every ``outbox.heartbeat`` seconds until ``stop``."""
         while not await wait_unless_stopped(stop, self.settings.outbox.heartbeat):
-            alive = await self.rt.writes.submit(self._beat_in)
+            try:
+                alive = await self.rt.writes.submit(self._beat_in)
+            except SQLAlchemyError as exc:
+                # The next beat tries again; silent beyond dead_after, our claims would
+                # count as dead (then another instance, or our own next claim, takes them).
+                event(log, "heartbeat-failed", logging.WARNING, error=_short(exc))
+                continue
             if not alive:
                 # A newer incarnation of our name started (a second daemon on the same
                 # state?) and took our claims back: ours are no longer ours to finish.
@@ -529,11 +579,37 @@ class OutboxWorker:
             await self.rt.writes.submit(lambda s: retire(s, [me], utcnow()))
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Work until ``stop`` is set; jobs in hand finish, unstarted ones are given back."""
+        """Work until ``stop`` is set; jobs in hand finish, unstarted ones are given back.
+
+        A store that refuses writes is an expected fault, not a crash: the worker waits
+        with a capped backoff that starts over once the store answers again (a stage
+        restart's backoff would keep growing over the daemon's life).
+        """
+        failures = 0
         while not stop.is_set():
             self._wake.clear()
-            if await self._round(stop):
+            try:
+                done = await self._round(stop)
+            except SQLAlchemyError as exc:
+                failures += 1
+                pause = backoff(failures, STORE_RETRY_INITIAL, STORE_RETRY_CAP)
+                event(
+                    log,
+                    "outbox-store-unavailable",
+                    logging.WARNING,
+                    error=_short(exc),
+                    retry_in=round(pause, 1),
+                )
+                await wait_unless_stopped(stop, pause)
+                continue
+            failures = 0
+            if done:
                 continue
             await wait_first(
                 self._wake.wait(), stop.wait(), seconds=self.settings.outbox.poll_interval
             )
+
+
+def _short(exc: SQLAlchemyError) -> str:
+    """The database's own words, without SQLAlchemy's statement dump and help link."""
+    return str(getattr(exc, "orig", None) or exc)

@@ -122,10 +122,10 @@ class IngestHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= self.listener.max_recipients:
             self._reject(session, address, 452)
-            return TOO_MANY_RECIPIENTS
+            return _logged(server, TOO_MANY_RECIPIENTS)
         if self.settings.account_for_address(address) is None:
             self._reject(session, address, 550)
-            return not_an_account(address)
+            return _logged(server, not_an_account(address))
         envelope.rcpt_tos.append(address)
         return RCPT_OK
 
@@ -169,7 +169,7 @@ class IngestHandler:
                 dsn="4.3.0",
                 error=str(exc),
             )
-            return TEMPFAIL
+            return _logged(server, TEMPFAIL)
         if self.on_accepted is not None:
             self.on_accepted()
         d = result.decision
@@ -178,6 +178,13 @@ class IngestHandler:
     async def handle_exception(self, error: Exception) -> str:
         event(log, "internal-error", logging.ERROR, exc_info=error, proto=self.proto)
         return TEMPFAIL
+
+
+def _logged(server: SMTP, reply: str) -> str:
+    """``reply``, marked as logged by the handler already (see _Server.push)."""
+    if isinstance(server, _Server):
+        server.logged_reply = reply
+    return reply
 
 
 class _Sessions:
@@ -288,6 +295,7 @@ class _Server(SMTP):
         self.receiving = False  # ... and of that, while the client is sending the message
         self.last_input = 0.0
         self.command: str | None = None  # set where a reply's text alone is ambiguous
+        self.logged_reply: str | None = None  # a refusal the handler has logged already
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
@@ -302,6 +310,20 @@ class _Server(SMTP):
             await super().push(status)
             return
         lines = [enhance(line, self.command) for line in status.split("\r\n")]
+        if lines[0][:1] in ("4", "5") and status != self.logged_reply:
+            # aiosmtpd answers some things without asking the handler (line too long,
+            # syntax and sequence errors) and logs none of them: every refusal must leave
+            # a line for the operator.  The handler logs its own, with their details.
+            peer = self.session.peer if self.session is not None else None
+            event(
+                log,
+                "refused",
+                logging.INFO,
+                proto=self.sessions.proto,
+                peer=peer[0] if peer else self.client,
+                reply=lines[0][:200],
+            )
+        self.logged_reply = None
         await super().push("\r\n".join(lines))
         if self.sessions.on_reply is not None:
             for line in lines:

@@ -65,14 +65,14 @@ class Database:
         self.engine.dispose()
 
 
-def _sqlite_setup(engine: Engine) -> None:
+def _sqlite_setup(engine: Engine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy (through the "begin" hook below) emit BEGIN, not pysqlite.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cur.execute("PRAGMA foreign_keys=ON")
         # FULL: a message we acknowledged must survive power loss, not only a crash.
         cur.execute("PRAGMA synchronous=FULL")
@@ -93,23 +93,26 @@ def _private_file(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
-def open_database(url: str, *, echo: bool = False) -> Database:
-    """An engine for ``url`` with the project's per-backend settings applied."""
+def open_database(
+    url: str, *, echo: bool = False, busy_timeout: float = SQLITE_BUSY_TIMEOUT_MS / 1000
+) -> Database:
+    """An engine for ``url`` with the project's per-backend settings applied.
+
+    ``busy_timeout`` (seconds, SQLite only): how long a writer waits for a lock another
+    connection holds before giving up with "database is locked".
+    """
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"echo": echo, "future": True}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             _private_file(Path(parsed.database))
-        kwargs["connect_args"] = {
-            "check_same_thread": False,
-            "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
-        }
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout}
     else:
         kwargs["pool_pre_ping"] = True
     engine = create_engine(url, **kwargs)
     writer_bind: Engine = engine
     if engine.dialect.name == "sqlite":
-        _sqlite_setup(engine)
+        _sqlite_setup(engine, round(busy_timeout * 1000))
         writer_bind = engine.execution_options(mailrouter_begin="IMMEDIATE")
     return Database(
         engine=engine,

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, Select, delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from mailrouter.store.models import INSTANCES, OUTBOX, OutboxStatus
+from mailrouter.store.models import INSTANCES, LEASES, OUTBOX, OutboxStatus
 
 __all__ = ["alive_ids", "claim_is_dead", "heartbeat", "register", "retire"]
 
@@ -64,21 +64,29 @@ def heartbeat(session: Session, instance_id: str, now: datetime) -> bool:
 
 
 def retire(session: Session, ids: Select[tuple[str]] | list[str], now: datetime) -> int:
-    """Mark instances stopped and give their claims back (due now); returns the claims freed."""
-    which = _I.id.in_(ids)
-    session.connection().execute(
-        update(INSTANCES).where(which, _I.stopped_at.is_(None)).values(stopped_at=now)
+    """Mark instances stopped and give their claims back (due now); returns the claims freed.
+
+    Their leases (an IMAP mailbox being watched) are freed too: a daemon restarted after
+    a crash must not wait in standby for its own dead incarnation's lease to run out.
+    """
+    conn = session.connection()
+    # Resolved once: a query such as "this name's running incarnations" matches nothing
+    # once they are marked stopped, and the claims and leases below would stay taken.
+    ids = [str(i) for i in conn.execute(ids).scalars()] if not isinstance(ids, list) else ids
+    if not ids:
+        return 0
+    conn.execute(
+        update(INSTANCES).where(_I.id.in_(ids), _I.stopped_at.is_(None)).values(stopped_at=now)
     )
+    conn.execute(delete(LEASES).where(LEASES.c.holder.in_(ids)))
     o = OUTBOX.c
-    res = session.connection().execute(
+    # next_attempt_at stays as it was (due already, or it would not have been claimed):
+    # the work a crash interrupted keeps its place at the head of the queue instead of
+    # waiting behind the whole backlog.
+    res = conn.execute(
         update(OUTBOX)
         .where(o.status == OutboxStatus.SENDING.value, o.claimed_by.in_(ids))
-        .values(
-            status=OutboxStatus.PENDING.value,
-            claimed_by=None,
-            claimed_until=None,
-            next_attempt_at=now,
-        )
+        .values(status=OutboxStatus.PENDING.value, claimed_by=None, claimed_until=None)
     )
     return int(res.rowcount or 0)
 
