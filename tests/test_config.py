@@ -374,3 +374,30 @@ def test_pickup_outbound_is_only_its_directory(tmp_path: Path) -> None:
     settings = load_from_text(text, tmp_path / "mailrouter.toml", env={})
     pickup = (tmp_path / "state").resolve() / "pickup"
     assert settings.outbound == OutboundSettings(type="pickup", path=pickup)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql+psycopg://mr:s3cret@db.example/mr",
+            "postgresql+psycopg://mr:********@db.example/mr",
+        ),
+        (
+            "postgresql://mr:p@ss:w0rd@db.example:5432/mr",
+            "postgresql://mr:********@db.example:5432/mr",
+        ),
+        (
+            "postgresql://db.example/mr?password=s3cret&sslmode=require",
+            "postgresql://db.example/mr?password=********&sslmode=require",
+        ),
+        ("postgresql://mr@db.example/mr", "postgresql://mr@db.example/mr"),
+    ],
+    ids=["plain", "at-and-colon-in-password", "query-parameter", "no-password"],
+)
+def test_check_config_masks_every_database_password(url: str, shown: str) -> None:
+    """A database URL's password never appears in check-config's output, wherever it is."""
+    from mailrouter.config.settings import _mask_url
+
+    assert _mask_url(url) == shown
+    assert "s3cret" not in _mask_url(url) and "w0rd" not in _mask_url(url)

@@ -239,3 +239,16 @@ def test_gzip_is_read_by_content_not_only_by_mbox(tmp_path: Path) -> None:
     path = tmp_path / "one.eml.gz"
     path.write_bytes(gzip.compress(b"Message-ID: <g@x>\n\nbody\n"))
     assert [parse(i.raw).message_id for i in collect([path])] == ["g@x"]
+
+
+def test_replay_does_not_follow_a_symlink_out_of_the_folder(tmp_path: Path) -> None:
+    """A link in a replayed folder is skipped (and logged), not read."""
+    from mailrouter.ingest.replay import collect
+
+    outside = tmp_path / "secret.eml"
+    outside.write_bytes(b"From: x@y.test\nTo: sales@example.test\nSubject: s\n\nsecret\n")
+    folder = tmp_path / "replay"
+    folder.mkdir()
+    (folder / "ok.eml").write_bytes(b"From: a@b.test\nTo: sales@example.test\nSubject: ok\n\nhi\n")
+    (folder / "link.eml").symlink_to(outside)
+    assert [Path(r.origin).name for r in collect([folder])] == ["ok.eml"]

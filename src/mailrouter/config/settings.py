@@ -394,4 +394,18 @@ def describe(settings: Settings) -> dict[str, Any]:
 
 
 def _mask_url(url: str) -> str:
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1********@", url)
+    """``url`` with its password masked, wherever it is: in the authority (which may itself
+    contain unencoded ``@`` and ``:``) or as a ``password=`` style query parameter."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        path_at = rest.find("/")
+        head, tail = (rest, "") if path_at < 0 else (rest[:path_at], rest[path_at:])
+        auth, at, host = head.rpartition("@")
+        if at and ":" in auth:
+            head = auth.partition(":")[0] + ":********@" + host
+        elif not at and "@" in tail.partition("?")[0]:
+            # user:p/ss@host: the password held a "/"; mask up to the last "@".
+            auth, _, after = rest.rpartition("@")
+            head, tail = auth.partition(":")[0] + ":********@" + after, ""
+        url = f"{scheme}{sep}{head}{tail}"
+    return re.sub(r"([?&][^=&]*(?:pass|secret|token)[^=&]*=)[^&]*", r"\1********", url, flags=re.I)

@@ -7,6 +7,7 @@ uses, so a recorded scenario reproduces what the daemon would have decided.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -18,9 +19,12 @@ from email.utils import getaddresses
 from pathlib import Path
 
 from mailrouter.config import AccountSettings, Settings
+from mailrouter.log import event
 from mailrouter.parse import decode_text
 
 __all__ = ["Recorded", "accounts_for", "collect", "date_order", "split_mbox"]
+
+log = logging.getLogger("mailrouter.replay")
 
 # Files that sit beside messages in corpora and archives but are not mail.
 _NOT_MAIL = re.compile(
@@ -111,7 +115,17 @@ def _files(root: Path) -> list[Path]:
         dirnames[:] = [
             d for d in dirnames if not d.startswith(".") and not (skip_tmp and d == "tmp")
         ]
-        out += [here / f for f in filenames if not f.startswith(".") and (here / f).is_file()]
+        for f in filenames:
+            path = here / f
+            if f.startswith("."):
+                continue
+            if path.is_symlink():
+                # A link in a replayed folder may point anywhere (another user's mail, the
+                # store itself): what is not in the folder is not replayed.
+                event(log, "replay-symlink-skipped", logging.WARNING, path=str(path))
+                continue
+            if path.is_file():
+                out.append(path)
     return sorted(out)
 
 
