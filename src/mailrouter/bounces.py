@@ -13,6 +13,7 @@ body is parsed, but only its first :data:`SCAN_LIMIT` bytes.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from email import message_from_bytes
@@ -23,6 +24,10 @@ from email.policy import compat32
 from mailrouter.parse import parse_ids
 
 __all__ = ["SCAN_LIMIT", "Bounce", "BouncedRecipient", "read_bounce"]
+
+# flufl.bounce logs every detector that trips over odd input at ERROR; for us such a
+# message simply is not a bounce of that kind, which is no error for an operator to see.
+logging.getLogger("flufl.bounce").setLevel(logging.CRITICAL)
 
 # The report and the returned headers come first; a returned 25 MB body need not be read.
 SCAN_LIMIT = 512 * 1024

@@ -39,18 +39,25 @@ import json, sys
 from pathlib import Path
 from mailrouter.cli import main
 
-config, plan, progress = sys.argv[1:4]
-steps = json.loads(Path(plan).read_text())
-done = set(Path(progress).read_text().split()) if Path(progress).exists() else set()
-with open(progress, "a") as out:
-    for k, (iid, to, queue_only) in enumerate(steps):
-        if str(k) in done:
-            continue
-        args = ["-c", config, "transfer", str(iid), "--to", to, "--by", f"step-{k}"]
-        # 1 = refused: a step that committed just before a kill is already done.
-        assert main(args + (["--queue-only"] if queue_only else [])) in (0, 1)
-        out.write(f"{k}\n")
-        out.flush()
+
+def drive(config: str, plan: str, progress: str) -> None:
+    steps = json.loads(Path(plan).read_text())
+    done = set(Path(progress).read_text().split()) if Path(progress).exists() else set()
+    with open(progress, "a") as out:
+        for k, (iid, to, queue_only) in enumerate(steps):
+            if str(k) in done:
+                continue
+            args = ["-c", config, "transfer", str(iid), "--to", to, "--by", f"step-{k}"]
+            # 1 = refused: a step that committed just before a kill is already done.
+            assert main(args + (["--queue-only"] if queue_only else [])) in (0, 1)
+            out.write(f"{k}\n")
+            out.flush()
+
+
+# The main-module guard: notice renders run in a forkserver child, which imports the
+# main module (as any multiprocessing program must allow; the mailrouter command has it).
+if __name__ == "__main__":
+    drive(*sys.argv[1:4])
 """
 
 CONVERSATIONS, ROUNDS, DRIVER_KILLS = 12, 3, 5
