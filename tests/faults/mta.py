@@ -62,11 +62,13 @@ class Session:
     def __init__(self, host: str, port: int, proto: str, timeout: float) -> None:
         self.host, self.port, self.proto, self.timeout = host, port, proto, timeout
         self.conn: smtplib.SMTP | None = None
+        self.connects = 0  # sessions opened: more than one means a session was lost
 
     def open(self) -> smtplib.SMTP:
         if self.conn is None:
             cls = smtplib.LMTP if self.proto == "lmtp" else smtplib.SMTP
             conn = cls(self.host, self.port, timeout=self.timeout)
+            self.connects += 1
             code, text = conn.ehlo("mta.test")  # LHLO for smtplib.LMTP
             if code != 250:
                 conn.close()
@@ -167,6 +169,8 @@ def run_lane(
             with lock:
                 stats["done"] += 1
     finally:
+        with lock:
+            stats["connects"] += session.connects
         try:
             if session.conn is not None:
                 session.conn.quit()
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in manifest:
         lanes.setdefault(item["thread"] % args.sessions, []).append(item)
     ledger = Ledger(args.acks)
-    counters = ("done", "retries", "tempfail", "refused", "protocol_errors", "unsent")
+    counters = ("done", "retries", "tempfail", "refused", "protocol_errors", "unsent", "connects")
     stats = dict.fromkeys(counters, 0)
     lock = threading.Lock()
     deadline = time.monotonic() + args.deadline
