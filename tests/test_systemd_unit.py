@@ -67,6 +67,8 @@ def test_unit_keeps_the_service_contract() -> None:
         "StateDirectory=mailrouter",
         "CapabilityBoundingSet=",
         "NoNewPrivileges=true",
+        # `mailrouter run` exits 2 on a config error (tests/test_cli.py): not retried.
+        "RestartPreventExitStatus=2",
     ):
         assert wanted in lines, wanted
     assert any(line.startswith("WatchdogSec=") for line in lines)

@@ -50,6 +50,9 @@ STATUS_INTERVAL = 10.0
 
 
 class Daemon:
+    # Seconds a stage must run before a crash counts as a new first crash (see supervise).
+    stable_after = 60.0
+
     def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
         self._settings = settings
         self.stop = asyncio.Event()
@@ -97,12 +100,17 @@ class Daemon:
         stop = stop or self.stop
         crashes = 0
         while not stop.is_set() and not self.stop.is_set():
+            started = asyncio.get_running_loop().time()
             try:
                 await factory()
                 return
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - event() logs it with exc_info
+                # A stage that ran well for a while before this crash starts its backoff
+                # afresh: a crash a week ago must not make today's restart wait 60 s.
+                if asyncio.get_running_loop().time() - started >= self.stable_after:
+                    crashes = 0
                 crashes += 1
                 pause = backoff(crashes, 1.0, 60.0)
                 event(

@@ -297,6 +297,36 @@ async def test_crashed_stage_is_restarted_and_logged(
     assert any("stage-crashed stage=flaky" in r.getMessage() for r in caplog.records)
 
 
+async def test_crash_backoff_starts_afresh_after_a_stage_ran_well(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five quick crashes double the pause; a crash after a stable run waits ~1 s again."""
+    d = Daemon(make_settings(tmp_path))
+    waits: list[float] = []
+
+    async def no_wait(*aws: object, seconds: float) -> None:
+        waits.append(seconds)
+        for aw in aws:  # never awaited: close the coroutines the supervisor made
+            getattr(aw, "close", lambda: None)()
+
+    monkeypatch.setattr("mailrouter.daemon.wait_first", no_wait)
+    runs = 0
+
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 6:
+            d.stable_after = 0.0  # from now on, every run counts as a stable one
+        if runs <= 7:
+            raise RuntimeError("boom")
+
+    caplog.set_level("ERROR", logger="mailrouter.daemon")
+    await asyncio.wait_for(d.supervise("flaky", flaky), 5)
+    assert runs == 8
+    assert waits[4] >= 8.0  # fifth quick crash: 16 s step, at least half of it
+    assert waits[5] <= 1.0 and waits[6] <= 1.0  # after stable runs: the first step again
+
+
 def test_run_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     """`mailrouter run` answers SMTP, and on SIGTERM stops accepting and exits 0."""
     settings = make_settings(tmp_path)
