@@ -310,6 +310,50 @@ def test_check_config_accepts_good_config(settings: Settings) -> None:
     assert report["settings"]["state_dir"] == str(settings.state_dir)
 
 
+def _with_database(settings: Settings, url: str) -> Settings:
+    text = settings.config_path.read_text("utf-8")
+    old = 'url = "sqlite:///mailrouter.db"'
+    assert old in text
+    settings.config_path.write_text(text.replace(old, f"url = {json.dumps(url)}"), "utf-8")
+    return settings
+
+
+def test_check_config_refuses_a_database_it_cannot_reach(tmp_path: Path) -> None:
+    """A valid URL that does not open is a problem named by its key, password masked."""
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql+psycopg://mr:s3cret@127.0.0.1:{port}/mailrouter"
+    settings = _with_database(make_settings(tmp_path), url)
+    code, out, err = run_cli(settings, "check-config")
+    assert code == 2
+    assert (
+        f"error: database.url: cannot connect to postgresql+psycopg://mr:********@127.0.0.1:{port}/"
+        in err
+    )
+    assert "s3cret" not in out + err
+    assert "OK" not in err
+
+
+def test_check_config_refuses_a_file_that_is_not_sqlite(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database, just bytes\n" * 100)
+    settings = _with_database(make_settings(tmp_path), f"sqlite:///{junk}")
+    code, _, err = run_cli(settings, "check-config")
+    assert code == 2
+    assert f"error: database.url: {junk}: cannot open as SQLite" in err
+
+
+def test_check_config_creates_no_database(tmp_path: Path) -> None:
+    """An SQLite file that does not exist yet is fine (the daemon makes it) and stays absent."""
+    settings = make_settings(tmp_path)
+    code, _, _ = run_cli(settings, "check-config")
+    assert code == 0
+    assert not (settings.state_dir / "mailrouter.db").exists()
+
+
 # --------------------------------------------------------------------------- no-change commands
 
 

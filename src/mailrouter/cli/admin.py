@@ -36,8 +36,9 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
     from mailrouter.notify import check_templates
+    from mailrouter.store.check import check_database
 
-    problems = check_templates(settings)
+    problems = check_database(settings) + check_templates(settings)
     if args.json:
         print_json({"ok": not problems, "problems": problems, "settings": describe(settings)})
     else:
