@@ -29,6 +29,13 @@ from mailrouter.config import AccountSettings, Settings
 __all__ = ["register"]
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _decision_dict(origin: str, d: Any, interaction: int | None) -> dict[str, Any]:
     return {
         "file": origin,
@@ -87,7 +94,7 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from mailrouter.ingest.replay import accounts_for, collect, date_order
+    from mailrouter.ingest.replay import Recorded, accounts_for, collect, date_order
     from mailrouter.pipeline import Pipeline, StoreUnavailable
     from mailrouter.runtime import opened
 
@@ -111,20 +118,36 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
             # A dry run is one transaction for the whole run, rolled back at the end:
             # later messages see the interactions earlier ones would have created.
             scratch = stack.enter_context(rt.db.scratch()) if args.dry_run else None
+            batch: list[tuple[Recorded, list[AccountSettings]]] = []
+
+            def commit() -> None:
+                # One transaction per batch (see Pipeline.accept_many); a batch the store
+                # refuses is reported message by message, like a per-message accept.
+                try:
+                    done = pipeline.accept_many(
+                        [(item.raw, accounts) for item, accounts in batch], source="replay"
+                    )
+                    counts.update(r.decision.action for r in done)
+                except StoreUnavailable as exc:
+                    failed.extend(f"{item.origin}: {exc}" for item, _ in batch)
+                bar.update(len(batch))
+                batch.clear()
+
             for item in items:
                 accounts = forced or accounts_for(item.raw, settings)
                 if not accounts:
                     unroutable.append(item.origin)
+                    bar.update()
                 elif scratch is not None:
                     r = pipeline.accept_in(scratch, item.raw, accounts, source="replay")
                     counts[r.decision.action] += 1
+                    bar.update()
                 else:
-                    try:
-                        r = pipeline.accept(item.raw, accounts, source="replay")
-                        counts[r.decision.action] += 1
-                    except StoreUnavailable as exc:
-                        failed.append(f"{item.origin}: {exc}")
-                bar.update()
+                    batch.append((item, accounts))
+                    if len(batch) >= args.batch:
+                        commit()
+            if batch:
+                commit()
         delivered = 0 if args.dry_run else flush(rt, args)
     summary = {
         "messages": len(items),
@@ -244,6 +267,13 @@ def register(sub: Subparsers) -> None:
     sp.add_argument("paths", nargs="+", help=".eml files, directories, Maildirs, mbox files")
     sp.add_argument("--account", help="force the receiving account (default: from recipients)")
     sp.add_argument("--dry-run", action="store_true", help="decide everything, store nothing")
+    sp.add_argument(
+        "--batch",
+        type=_positive,
+        default=200,
+        metavar="N",
+        help="messages per transaction (default 200; 1 commits each message on its own)",
+    )
     json_flag(sp)
     queue_only_flag(sp)
 
