@@ -95,7 +95,10 @@ def generate_history(p: Pipeline, n: int, seed: int) -> tuple[float, list[tuple[
     k = 0
     iid = 0
     while k < n:
-        interactions, messages, refs, recipients = [], [], [], []
+        interactions: list[dict[str, object]] = []
+        messages: list[dict[str, object]] = []
+        refs: list[dict[str, object]] = []
+        recipients: list[dict[str, object]] = []
         while k < n and len(messages) < BATCH:
             iid += 1
             account = accounts[iid % 2]

@@ -317,6 +317,7 @@ def run(dc: object, base: Path, n: int) -> int:
         try:
             wait_line(proc.stderr, "event=ready")
             stderr = proc.stderr
+            assert stderr is not None
             threading.Thread(target=lambda: [None for _ in stderr], daemon=True).start()
             db = state / "mailrouter.db"
             lmtp(dc.lmtp_port, SALES, message("question@customer.example", SALES))
