@@ -90,7 +90,7 @@ asyncio.run(main(int(sys.argv[1])))
 
 CONFIG = """
 state_dir = "{state}"
-hostname = "bench.example.test"
+hostname = "bench{k}.example.test"
 [database]
 url = "{url}"
 [templates]
@@ -168,6 +168,9 @@ class ClientResult:
     data: list[float] = field(default_factory=list)  # end of data → final reply
     acked: list[int] = field(default_factory=list)  # indexes that got 250
     refused: Counter[str] = field(default_factory=Counter)
+    # Messages acknowledged per server, by the host name in its greeting: with several
+    # instances on one port, how the kernel spread the sessions.
+    per_server: Counter[str] = field(default_factory=Counter)
 
 
 async def _reply(reader: asyncio.StreamReader) -> str:
@@ -194,7 +197,8 @@ async def drive(port: int, msgs: list[tuple[str, str, bytes]], conc: int) -> Cli
     async def session() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            await _reply(reader)
+            greeting = await _reply(reader)
+            server = greeting[4:].split(" ", 1)[0]
             writer.write(b"EHLO bench.client.test\r\n")
             await _reply(reader)
             for i in it:  # shared iterator: whichever session is free takes the next message
@@ -223,6 +227,7 @@ async def drive(port: int, msgs: list[tuple[str, str, bytes]], conc: int) -> Cli
                 res.total.append(t2 - t0)
                 if done.startswith("250"):
                     res.acked.append(i)
+                    res.per_server[server] += 1
                 else:
                     res.refused[done[:3]] += 1
             writer.write(b"QUIT\r\n")
@@ -242,7 +247,9 @@ async def drive(port: int, msgs: list[tuple[str, str, bytes]], conc: int) -> Cli
 
 def _client(port: int, n: int, size: int, conc: int, q: mp.Queue) -> None:  # type: ignore[type-arg]
     msgs = make_messages(n, size)
-    q.put(asdict(asyncio.run(drive(port, msgs, conc))))
+    r = asyncio.run(drive(port, msgs, conc))
+    # Not asdict(): it rebuilds a Counter from its (key, count) pairs, counting the pairs.
+    q.put({**vars(r), "refused": dict(r.refused), "per_server": dict(r.per_server)})
 
 
 def run_client(port: int, n: int, size: int, conc: int) -> ClientResult:
@@ -253,6 +260,7 @@ def run_client(port: int, n: int, size: int, conc: int) -> ClientResult:
     d = q.get(timeout=1800)
     p.join(60)
     d["refused"] = Counter(d["refused"])
+    d["per_server"] = Counter(d["per_server"])
     return ClientResult(**d)
 
 
@@ -288,6 +296,7 @@ class Figures:
     data_p99_ms: float
     acked: int
     refused: dict[str, int]
+    per_server: dict[str, int]
     # mailrouter only
     delivered_per_s: float = 0.0
     all_delivered_s: float = 0.0
@@ -309,6 +318,7 @@ def _figures(label: str, r: ClientResult) -> Figures:
         data_p99_ms=pct(r.data, 99) * 1e3,
         acked=len(r.acked),
         refused=dict(r.refused),
+        per_server=dict(r.per_server),
     )
 
 
@@ -372,6 +382,7 @@ def write_configs(
         state.mkdir(parents=True, exist_ok=True)
         text = CONFIG.format(
             state=state,
+            k=k,
             url=url,
             templates=ROOT / "config" / "templates",
             port=port,
@@ -632,7 +643,8 @@ def main() -> int:
             f"{f.data_p50_ms:9.2f} {f.data_p99_ms:9.2f} {tail}"
         )
     for _, f in runs:
-        print(f"\n  {f.label}: started in {f.startup_s:.2f} s")
+        spread = ", ".join(f"{h} {c}" for h, c in sorted(f.per_server.items()))
+        print(f"\n  {f.label}: started in {f.startup_s:.2f} s; acknowledged by {spread}")
         print(f"    {backlog_line(f)}")
         refused = f" refused {f.refused}" if f.refused else ""
         print(
