@@ -17,6 +17,7 @@ and in exactly one Maildir.  Then ``ratio <what>: X`` lines.
 
     python bench/smtp_bench.py                 # 3000 messages, 8 sessions, SQLite
     python bench/smtp_bench.py --quick         # 400 messages (well under a minute)
+    python bench/smtp_bench.py --py-spy 10     # + where mailrouter's time goes (py-spy)
     python bench/smtp_bench.py --database-url postgresql+psycopg://postgres@127.0.0.1/postgres \\
         --instances 2                          # + PostgreSQL with 1 and with 2 instances
 
@@ -306,6 +307,7 @@ class Figures:
     not_delivered: int = 0
     doubled: int = 0
     startup_s: float = 0.0
+    profile: list[str] = field(default_factory=list)  # --py-spy
 
 
 def _figures(label: str, r: ClientResult) -> Figures:
@@ -499,10 +501,42 @@ def stored_ids(url: str) -> set[str]:
         engine.dispose()
 
 
+def py_spy_summary(raw: Path, top: int = 15) -> list[str]:
+    """Where the samples of a ``py-spy record --format raw`` file fall: own time, then
+    the inclusive time of mailrouter's and the drivers' functions."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        frames = [f.rsplit(":", 1)[0] for f in stack.split(";")]  # drop line numbers
+        own[frames[-1]] += n
+        for f in set(frames):
+            if any(k in f for k in ("mailrouter/", "aiosmtpd/", "psycopg/", "sqlalchemy/")):
+                inclusive[f] += n
+    if not total:
+        return ["py-spy: no samples"]
+    out = [f"py-spy: {total} samples; own time"]
+    out += [f"  {c / total:6.1%}  {f}" for f, c in own.most_common(top)]
+    out.append("inclusive (mailrouter, aiosmtpd, SQLAlchemy, psycopg)")
+    out += [f"  {c / total:6.1%}  {f}" for f, c in inclusive.most_common(top)]
+    return out
+
+
 def bench_mailrouter(
-    n: int, size: int, conc: int, *, url: str | None, instances: int, drain_timeout: float
+    n: int,
+    size: int,
+    conc: int,
+    *,
+    url: str | None,
+    instances: int,
+    drain_timeout: float,
+    py_spy: float = 0.0,
 ) -> Figures:
     engine_name = "PostgreSQL" if url else "SQLite"
+    profile: list[str] = []
     label = f"mailrouter {engine_name} x{instances}"
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="mr-smtp-bench-") as tmp_name:
@@ -510,10 +544,23 @@ def bench_mailrouter(
         maildirs = tmp / "maildir"
         with fresh_database(url, tmp) as db_url:
             configs = write_configs(tmp, db_url, port, instances)
-            with running(configs) as (_, startup):
+            with running(configs) as (procs, startup):
                 sampler = Sampler(db_url, maildirs)
                 sampler.start()
+                spy = None
+                if py_spy:  # samples the first instance while the client sends
+                    spy = subprocess.Popen(
+                        ["py-spy", "record", "-p", str(procs[0].pid), "-d", str(int(py_spy)),
+                         "-r", "200", "--format", "raw", "-o", str(tmp / "spy.raw"),
+                         "--nonblocking"],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )  # fmt: skip
                 r = run_client(port, n, size, conc)
+                if spy is not None:
+                    spy.wait(py_spy + 60)
+                    if (tmp / "spy.raw").exists():
+                        profile = py_spy_summary(tmp / "spy.raw")
                 ingest_end = r.started + r.wall
                 # Delivery goes on after the client is done: wait (bounded) until every
                 # acknowledged message is in a Maildir.
@@ -536,6 +583,7 @@ def bench_mailrouter(
     acked_ids = [msgs[i][0] for i in r.acked]
     f = _figures(label, r)
     f.startup_s = startup
+    f.profile = profile
     f.all_delivered_s = delivered_at - r.started
     f.delivered_per_s = len(r.acked) / f.all_delivered_s if f.all_delivered_s > 0 else 0.0
     f.ingest_s = ingest_end - r.started
@@ -583,6 +631,14 @@ def main() -> int:
         help="with --database-url: also run N instances sharing it and one port (reuse_port)",
     )
     ap.add_argument("--no-sqlite", action="store_true", help="skip the SQLite run")
+    ap.add_argument(
+        "--py-spy",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="sample each mailrouter run's (first) instance with py-spy for S seconds of "
+        "the ingest and print where the time goes (needs py-spy and ptrace rights)",
+    )
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     n = 400 if a.quick and a.messages == 3000 else a.messages
@@ -593,11 +649,19 @@ def main() -> int:
     sink = bench_sink(n, a.size, a.concurrency)
     runs: list[tuple[str, Figures]] = []
     if not a.no_sqlite:
-        f = bench_mailrouter(n, a.size, a.concurrency, url=None, instances=1, drain_timeout=drain)
+        f = bench_mailrouter(
+            n, a.size, a.concurrency, url=None, instances=1, drain_timeout=drain, py_spy=a.py_spy
+        )
         runs.append(("", f))
     if a.database_url:
         f = bench_mailrouter(
-            n, a.size, a.concurrency, url=a.database_url, instances=1, drain_timeout=drain
+            n,
+            a.size,
+            a.concurrency,
+            url=a.database_url,
+            instances=1,
+            drain_timeout=drain,
+            py_spy=a.py_spy,
         )
         runs.append(("-postgresql", f))
         if a.instances > 1:
@@ -608,6 +672,7 @@ def main() -> int:
                 url=a.database_url,
                 instances=a.instances,
                 drain_timeout=drain,
+                py_spy=a.py_spy,
             )
             runs.append((f"-postgresql-x{a.instances}", f))
     bad = [f for _, f in runs if f.stored_missing or f.not_delivered or f.doubled]
@@ -651,6 +716,8 @@ def main() -> int:
             f"    check: acknowledged {f.acked}/{n}, missing from the store {f.stored_missing}, "
             f"in no Maildir {f.not_delivered}, doubled or unknown {f.doubled}{refused}"
         )
+        for line in f.profile:
+            print(f"    {line}")
     print()
     for suffix, f in runs:
         print(f"ratio ingest{suffix}/sink: {f.msgs_per_s / sink.msgs_per_s:.3f}")
