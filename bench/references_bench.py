@@ -192,6 +192,7 @@ def main() -> None:
     shapes = [args.shape] if args.shape not in (None, "all") else list(SHAPES)
     if args.quick and args.shape is None:
         shapes = ["references"]
+    ratios: list[tuple[str, float]] = []
     for shape in shapes:
         base = median_of([run_one(shape, 1, False) for _ in range(runs)])
         print(f"\n{shape}: {runs} run(s) per size, 1-id message accept {base.accept * 1e3:.1f} ms")
@@ -206,7 +207,11 @@ def main() -> None:
                 f"{f.accept / base.accept:>8.1f} {f.refs_rows:>9} {f.rule:>12} "
                 f"{f.bystanders:>10} {f.bystander_worst * 1e3:>9.1f}"
             )
+            ratios.append((f"accept-{shape}-{n}-ids/1-id", f.accept / base.accept))
             sys.stdout.flush()
+    print()
+    for what, value in ratios:
+        print(f"ratio {what}: {value:.1f}")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep is None:
             shutil.rmtree(base, ignore_errors=True)
     print(f"load average {os.getloadavg()[0]:.2f} at the end", flush=True)
+    for r in results:
+        acked, which = max(1, r.acked), "" if r.proto == "smtp" else f"-{r.proto}"
+        print(f"ratio lost/acknowledged{which}: {r.lost / acked:g}", flush=True)
+        print(f"ratio duplicated/acknowledged{which}: {r.duplicated / acked:g}", flush=True)
     bad = [r for r in results if r.lost or r.duplicated or r.stuck or r.split or r.merged]
     return 1 if bad else 0
 

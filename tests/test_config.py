@@ -401,3 +401,24 @@ def test_check_config_masks_every_database_password(url: str, shown: str) -> Non
 
     assert _mask_url(url) == shown
     assert "s3cret" not in _mask_url(url) and "w0rd" not in _mask_url(url)
+
+
+def test_reuse_port_is_off_by_default_and_set_per_listener(tmp_path: Path) -> None:
+    """``reuse_port`` defaults to false; ``[smtp]`` and ``[lmtp]`` each take their own."""
+    text = valid(tmp_path) + "[smtp]\nreuse_port = true\n"
+    settings = load_from_text(text, tmp_path / "mailrouter.toml", env={})
+    assert settings.smtp.reuse_port is True
+    assert settings.lmtp.reuse_port is False
+
+
+def test_reuse_port_must_be_a_boolean(tmp_path: Path) -> None:
+    """A ``reuse_port`` that is not true/false names the key and the expected type."""
+    text = valid(tmp_path) + '[lmtp]\nreuse_port = "yes"\n'
+    err = config_error(tmp_path, text)
+    assert_error(
+        err,
+        tmp_path,
+        line_of(text, 'reuse_port = "yes"'),
+        "lmtp.reuse_port",
+        "expected true or false, got a string",
+    )

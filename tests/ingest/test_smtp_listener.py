@@ -464,3 +464,45 @@ async def test_the_same_unroutable_message_twice_is_held_once_and_acknowledged_t
     refused = await asyncio.to_thread(_send, port, ["support@example.test"], raw)
     assert refused == {}
     assert _stored(daemon.settings) == 1
+
+
+def _reuse_port_settings(tmp_path: Path, port: int) -> Settings:
+    text = f"""
+state_dir = "{tmp_path / "state"}"
+[templates]
+directory = "{ROOT / "config" / "templates"}"
+[smtp]
+port = {port}
+reuse_port = true
+[accounts.sales]
+address = "sales@example.test"
+"""
+    path = tmp_path / "mailrouter.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return load_from_text(text, path)
+
+
+async def test_two_listeners_with_reuse_port_share_one_port_and_both_accept(
+    tmp_path: Path,
+) -> None:
+    """With ``reuse_port`` two daemons bind the same port; the kernel gives each sessions."""
+    port = _free_port()
+    settings = [_reuse_port_settings(tmp_path / name, port) for name in ("one", "two")]
+    daemons = [Daemon(s) for s in settings]
+    for d in daemons:
+        await d.startup()  # the second bind would fail with EADDRINUSE without SO_REUSEPORT
+    try:
+        # Each connection comes from a new source port, which the kernel hashes to one of
+        # the two sockets: 64 sessions all landing on one daemon happens with p = 2**-63.
+        for k in range(64):
+            data = MESSAGE.replace(b"<inv-1@", f"<reuse-{k}@".encode())
+            assert await asyncio.to_thread(_send, port, ["sales@example.test"], data) == {}
+            if all(_stored(s) > 0 for s in settings):
+                break
+        counts = [_stored(s) for s in settings]
+        assert all(n > 0 for n in counts), counts
+    finally:
+        for d in daemons:
+            d.stop.set()
+            await d.shutdown()

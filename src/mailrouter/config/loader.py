@@ -569,6 +569,7 @@ def _listener(top: _Table, name: str, env: Mapping[str, str], config_dir: Path) 
         idle_timeout=d.positive("idle_timeout", float),
         max_recipients=d.positive("max_recipients", int),
         hard_error_limit=d.positive("hard_error_limit", int),
+        reuse_port=d.get("reuse_port", bool),
         tls_cert=cert,
         tls_key=keyf,
         require_auth=require_auth,

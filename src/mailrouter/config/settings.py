@@ -151,6 +151,10 @@ class ListenerSettings:
     max_recipients: int = 100
     # Refusals in one session before 421 4.7.0 and a hang-up (Postfix smtpd_hard_error_limit).
     hard_error_limit: int = 20
+    # Bind with SO_REUSEPORT, so several ``mailrouter run`` processes on one host share the
+    # port and the kernel spreads connections across them (more than one core serves SMTP).
+    # They must share a PostgreSQL database: SQLite instances would each have their own store.
+    reuse_port: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     require_auth: bool = False

@@ -558,7 +558,12 @@ class Listener:
         loop = asyncio.get_running_loop()
         cfg = self.settings
         self._server = await loop.create_server(
-            lambda: _Door(self.sessions, self._make), host=cfg.host, port=cfg.port
+            lambda: _Door(self.sessions, self._make),
+            host=cfg.host,
+            port=cfg.port,
+            # None, not False: asyncio refuses reuse_port on platforms without it even when
+            # asked for False, and the default must work everywhere.
+            reuse_port=True if cfg.reuse_port else None,
         )
 
     def use_tls(self, tls: ssl.SSLContext | None) -> None:
