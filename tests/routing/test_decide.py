@@ -10,6 +10,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from fake_view import ORDER, FakeView, conversation, mail
 from sqlalchemy import select
 
@@ -25,6 +26,9 @@ from mailrouter.routing.decide import (
 )
 from mailrouter.store.models import Message
 from mailrouter.transfer import transfer
+
+# Every test here runs on SQLite and on the real PostgreSQL (tests/servers.py).
+pytestmark = pytest.mark.usefixtures("backend")
 
 REPLY = mail("reply@c", in_reply_to="ask@c")
 

@@ -22,6 +22,9 @@ from mailrouter.routing import (
 )
 from mailrouter.threads import RULES as THREAD_RULES
 
+# Every test here runs on SQLite and on the real PostgreSQL (tests/servers.py).
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 def every_kind_of_decision() -> list[Decision]:
     """One decision down each path of the chain, each thread rule included."""
