@@ -332,7 +332,9 @@ class Pipeline:
         tried, never waited for: a group commit holds its locks until its whole batch
         commits, and two batches waiting on each other would deadlock.
         """
-        if not session.connection().scalar(_TRY_LOCKS, {"keys": thread_keys(msg)}):
+        keys = thread_keys(msg)
+        # bool_and over no keys is NULL, not true: a message with no id at all locks nothing.
+        if keys and not session.connection().scalar(_TRY_LOCKS, {"keys": keys}):
             raise ThreadBusy(format_id(msg.message_id))
 
     def _lock_interaction(self, session: Session, interaction_id: int) -> str | None:
@@ -348,9 +350,10 @@ class Pipeline:
             .where(INTERACTIONS.c.id == interaction_id)
             .with_for_update(nowait=True)
         )
+        # No savepoint of its own: a refused lock aborts the message's savepoint
+        # (``_accept_in``), which the ThreadBusy raised here rolls back.
         try:
-            with session.begin_nested():
-                account_id = session.connection().scalar(stmt)
+            account_id = session.connection().scalar(stmt)
         except OperationalError as exc:
             if getattr(exc.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
                 raise ThreadBusy(f"interaction {interaction_id}") from exc

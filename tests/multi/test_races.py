@@ -8,6 +8,7 @@ SQLite runs the same races: there its writers are serialised by ``BEGIN IMMEDIAT
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import threading
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ import pytest
 from sqlalchemy import func, select
 
 from helpers import make_settings
-from mailrouter.config import Settings
+from mailrouter.config import AccountSettings, Settings
 from mailrouter.pipeline import Accepted, Pipeline
 from mailrouter.runtime import Runtime
 from mailrouter.store.models import Interaction, Message, Outbox, Transfer
@@ -86,8 +87,16 @@ def interaction_of(p: Pipeline, mid: str) -> int | None:
         return s.scalar(select(Message.interaction_id).where(Message.message_id == mid))
 
 
+def accepting(p: Pipeline, raw: bytes, account: AccountSettings, via: str) -> Accepted:
+    """``accept`` as the CLI and replay call it, or as the daemon does (group commit)."""
+    if via == "daemon":
+        return asyncio.run(p.accept_async(raw, [account], source="test"))
+    return p.accept(raw, [account], source="test")
+
+
+@pytest.mark.parametrize("via", ["accept", "daemon"])
 def test_two_replies_of_one_thread_at_two_instances_join_one_interaction(
-    settings: Settings, instances: tuple[Pipeline, Pipeline]
+    settings: Settings, instances: tuple[Pipeline, Pipeline], via: str
 ) -> None:
     """Two replies to a message never stored (both point at it) reach two instances at
     once: they share the one interaction either would have joined had it come second."""
@@ -98,8 +107,8 @@ def test_two_replies_of_one_thread_at_two_instances_join_one_interaction(
         a = mail(f"a-{n}@customer.test", sales.address, parent=root)
         b = mail(f"b-{n}@customer.test", support.address, parent=root)
         got: list[Accepted] = together(
-            lambda a=a: one.accept(a, [sales], source="test"),
-            lambda b=b: two.accept(b, [support], source="test"),
+            functools.partial(accepting, one, a, sales, via),
+            functools.partial(accepting, two, b, support, via),
         )
         assert got[0].interaction_id == got[1].interaction_id, f"split in round {n}: {got}"
     with one.db.read() as s:
