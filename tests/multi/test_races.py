@@ -264,3 +264,31 @@ def test_a_reply_forced_into_a_transfer_never_reaches_the_old_owner_afterwards(
         assert answered.decision.action == "route", f"round {n}: delivered to the old owner"
         assert answered.decision.deliver_to == "support"
         assert notice_answers(one, iid) == ask
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_thread_that_stays_busy_is_refused_for_retry_not_held(
+    settings: Settings, instances: tuple[Pipeline, Pipeline]
+) -> None:
+    """Another instance holds the thread's key and does not let go: the message is refused
+    as temporary (the sender's 451) after a bounded wait, never stored as held."""
+    from sqlalchemy import create_engine, text
+
+    from mailrouter.parse import parse
+    from mailrouter.pipeline import StoreUnavailable, thread_keys
+
+    one, _ = instances
+    raw = mail("stuck-1@customer.test", settings.account("sales").address, parent="p@x.test")
+    engine = create_engine(settings.database_url)
+    try:
+        with engine.begin() as conn:  # a stuck instance: holds the key in its transaction
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(:k)"), {"k": thread_keys(parse(raw))[0]}
+            )
+            with pytest.raises(StoreUnavailable, match="busy"):
+                one.accept(raw, [settings.account("sales")], source="test")
+    finally:
+        engine.dispose()
+    assert interaction_of(one, "stuck-1@customer.test") is None
+    again = one.accept(raw, [settings.account("sales")], source="test")  # released: stored
+    assert again.decision.action == "deliver"
