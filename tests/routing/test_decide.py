@@ -27,9 +27,6 @@ from mailrouter.routing.decide import (
 from mailrouter.store.models import Message
 from mailrouter.transfer import transfer
 
-# Every test here runs on SQLite and on the real PostgreSQL (tests/servers.py).
-pytestmark = pytest.mark.usefixtures("backend")
-
 REPLY = mail("reply@c", in_reply_to="ask@c")
 
 
@@ -266,6 +263,7 @@ def test_every_action_has_a_description() -> None:
 # --------------------------------------------------------------------------- the pipeline
 
 
+@pytest.mark.usefixtures("backend")  # on SQLite and on the real PostgreSQL
 def test_reply_to_an_old_account_is_routed_and_stored_as_route(tmp_path: Path) -> None:
     """Through the real store: after a transfer, a reply to sales@ is routed to support."""
     settings = make_settings(tmp_path)

@@ -22,9 +22,6 @@ from mailrouter.routing import (
 )
 from mailrouter.threads import RULES as THREAD_RULES
 
-# Every test here runs on SQLite and on the real PostgreSQL (tests/servers.py).
-pytestmark = pytest.mark.usefixtures("backend")
-
 
 def every_kind_of_decision() -> list[Decision]:
     """One decision down each path of the chain, each thread rule included."""
@@ -69,6 +66,7 @@ BOUNCE_OF_ASK = (
 )
 
 
+@pytest.mark.usefixtures("backend")  # on SQLite and on the real PostgreSQL
 def test_every_rule_name_in_a_decision_has_a_description(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
