@@ -51,6 +51,9 @@ DEFAULT_TRANSFER: dict[str, dict[str, Any] | None] = {
     "support": {"enabled": True},
     "billing": None,
 }
+# The store every settings file written here names.  The ``backend`` fixture
+# (tests/servers.py) points it at PostgreSQL for a test that runs on both stores.
+DATABASE_URL = "sqlite:///mailrouter.db"
 
 
 def _toml_value(value: Any) -> str:
@@ -77,7 +80,7 @@ def config_text(
         'hostname = "mailrouter.example.test"',
         "",
         "[database]",
-        'url = "sqlite:///mailrouter.db"',
+        f"url = {_toml_value(DATABASE_URL)}",
         "",
         "[templates]",
         f"directory = {_toml_value(template_dir)}",

@@ -25,19 +25,33 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-__all__ = ["capture_smarthost", "dovecot", "dovecot_clean", "postgres_url", "tls_files"]
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
+__all__ = [
+    "backend",
+    "capture_smarthost",
+    "database_url",
+    "dovecot",
+    "dovecot_clean",
+    "module_database_url",
+    "postgres_url",
+    "tls_files",
+]
 
 REQUIRE_SERVERS = os.environ.get("MAILROUTER_REQUIRE_SERVERS") == "1"
 HOST = "127.0.0.1"
 USERS = ("sales@example.test", "support@example.test", "billing@example.test")
 PASSWORD = "secret"
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+# helpers' default store: a file in the state dir (relative URLs resolve there).
+SQLITE_URL = "sqlite:///mailrouter.db"
 # Where Debian (and most distributions) keep Dovecot's service binaries.
 _DOVECOT_LIBEXEC = (Path("/usr/lib/dovecot"), Path("/usr/libexec/dovecot"))
 
@@ -406,31 +420,125 @@ def dovecot_clean(dovecot: Dovecot) -> Dovecot:
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """URL of a fresh database on MAILROUTER_PG_URL's server, dropped after the session."""
-    from sqlalchemy import create_engine, text
+def _admin_url() -> URL:
     from sqlalchemy.engine import make_url
+
+    return make_url(os.environ.get("MAILROUTER_PG_URL") or DEFAULT_PG_URL)
+
+
+@contextlib.contextmanager
+def fresh_database(prefix: str = "mailrouter_test") -> Iterator[str]:
+    """A new, empty database on MAILROUTER_PG_URL's server, dropped afterwards.
+
+    Missing PostgreSQL skips on a laptop and fails under MAILROUTER_REQUIRE_SERVERS=1.
+    """
+    from sqlalchemy import create_engine, text
     from sqlalchemy.exc import OperationalError
 
-    admin_url = make_url(os.environ.get("MAILROUTER_PG_URL") or DEFAULT_PG_URL)
+    admin_url = _admin_url()
     admin = create_engine(
         admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
     )
-    name = f"mailrouter_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     try:
         try:
             with admin.connect() as conn:
                 conn.execute(text(f'CREATE DATABASE "{name}"'))
         except OperationalError as exc:
             _need(False, f"PostgreSQL not reachable at {admin_url!r}: {exc.orig}")
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
         with admin.connect() as conn:
-            # WITH (FORCE) (PostgreSQL 13+): a test that leaked a connection must not
-            # leave the database behind.
+            # WITH (FORCE) (PostgreSQL 13+): a test that leaked a connection, or a daemon
+            # killed a moment ago, must not leave the database behind.
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """URL of a fresh database on MAILROUTER_PG_URL's server, dropped after the session."""
+    with fresh_database() as url:
+        yield url
+
+
+def reset_schema(url: str) -> None:
+    """Empty the database at ``url`` (every table gone; the next Runtime.open migrates).
+
+    Connections a previous test left open (a daemon it killed, an engine it did not
+    dispose) are ended first: they could hold a lock DROP SCHEMA would wait on forever.
+    """
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+            conn.execute(text("SET lock_timeout = '10s'"))
+            conn.execute(text("DROP SCHEMA public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+    finally:
+        engine.dispose()
+
+
+# The two stores every store-touching test runs on.  The ids are what ``-k`` selects:
+# ``-k sqlite`` or ``-m "not postgres"`` for a laptop without PostgreSQL.
+BACKENDS = ("sqlite", pytest.param("postgresql", marks=pytest.mark.postgres))
+
+
+# For a test about a SQLite-only behaviour in a module that runs on both stores (a
+# trigger that aborts writes, file modes): ``@SQLITE_ONLY`` overrides the fixture's params.
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store of this test: a SQLite file where helpers' settings keep it
+    (``tmp_path/state``), or the session's PostgreSQL database, emptied for it."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state' / 'mailrouter.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    reset_schema(url)
+    return url
+
+
+@pytest.fixture
+def backend(database_url: str) -> Iterator[str]:
+    """Run the test on both stores without touching its body: every settings file the
+    helpers write during the test (``make_settings``, ``config_text``) names ``database_url``.
+
+    A module switches with ``pytestmark = pytest.mark.usefixtures("backend")``.
+    """
+    with store_at(database_url):
+        yield database_url
+
+
+@contextlib.contextmanager
+def store_at(url: str) -> Iterator[None]:
+    """While inside, the settings files helpers write name ``url`` (SQLite: helpers' own
+    relative file, so each settings' state dir keeps its own store)."""
+    import helpers
+
+    with pytest.MonkeyPatch.context() as mp:
+        if not url.startswith("sqlite"):
+            mp.setattr(helpers, "DATABASE_URL", url)
+        yield
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_database_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """For a module-scoped daemon: SQLite, or a PostgreSQL database of its own (function-
+    scoped tests reset the session database, which must not happen under a daemon)."""
+    if request.param == "sqlite":
+        yield SQLITE_URL
+        return
+    with fresh_database() as url:
+        yield url
 
 
 # --------------------------------------------------------------------------- smarthost

@@ -405,6 +405,23 @@ def test_replay_dry_run_stores_nothing(settings: Settings) -> None:
     assert len(maildir_messages(settings, "sales")) == 5
 
 
+def test_replay_batch_the_store_refuses_is_retried_message_by_message(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch rolled back whole (another instance held one of its threads) is not lost:
+    each of its messages is accepted on its own, and the summary counts them."""
+    from mailrouter.pipeline import Pipeline, StoreUnavailable
+
+    def refuse(self: Pipeline, batch: object, *, source: str) -> object:
+        raise StoreUnavailable("its thread stayed busy on another instance")
+
+    monkeypatch.setattr(Pipeline, "accept_many", refuse)
+    files = [str(f) for f in sorted(CHAIRS.glob("0[1-3]-*.eml"))]
+    real = cli_json(settings, "replay", "--batch", "2", *files)
+    assert (real["messages"], real["store_errors"], real["actions"]) == (3, 0, {"deliver": 3})
+    assert len(cli_json(settings, "show", "1")["messages"]) == 3
+
+
 def test_queue_only_leaves_delivery_to_the_daemon(settings: Settings) -> None:
     """`ingest --queue-only` stores and queues; `queue flush` delivers later."""
     code, _, err = run_cli(settings, "ingest", "--queue-only", str(CHAIRS / "01-customer-asks.eml"))

@@ -30,6 +30,9 @@ from mailrouter.notify import check_templates
 from mailrouter.reply import reply
 from mailrouter.transfer import transfer
 
+# Every test here runs on SQLite and on the real PostgreSQL (tests/servers.py).
+pytestmark = pytest.mark.usefixtures("backend")
+
 CHAIRS = "chairs-quote"
 CHAIRS_2 = "CAF3k9x1.chairs.0002@mail.customer.example"
 NESTED_LOOP = "{% set r = range(10000) %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}"

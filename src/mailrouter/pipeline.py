@@ -9,13 +9,14 @@ after it returns never acknowledges mail that is not safely stored.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, assert_never
 
-from sqlalchemy import case, delete, select, update
+from sqlalchemy import case, delete, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -24,6 +25,7 @@ from mailrouter.deliver.outbox import enqueue, mark_bounced
 from mailrouter.errors import Refused
 from mailrouter.log import event
 from mailrouter.parse import ParsedMessage, format_id, parse
+from mailrouter.retry import backoff
 from mailrouter.routing import INTERNAL_ERROR, Action, Decision, decide
 from mailrouter.runtime import Runtime
 from mailrouter.store.inserts import add_message, add_recipients, insert_interaction
@@ -40,7 +42,7 @@ from mailrouter.store.models import (
 )
 from mailrouter.store.queries import AccountMap, StoreView
 
-__all__ = ["Accepted", "NotHeld", "Pipeline", "StoreUnavailable"]
+__all__ = ["Accepted", "NotHeld", "Pipeline", "StoreUnavailable", "ThreadBusy"]
 
 T = TypeVar("T")
 routing_log = logging.getLogger("mailrouter.routing")
@@ -57,6 +59,36 @@ class NotHeld(Refused):
 
 class StoreUnavailable(Exception):
     """The store could not take the message; the sender must retry (SMTP 451)."""
+
+
+class ThreadBusy(Exception):
+    """Another instance is storing mail of the same thread, or changing its interaction,
+    right now (PostgreSQL): this message is resolved again in a moment."""
+
+
+# ThreadBusy lasts as long as another instance's transaction (milliseconds; a group
+# commit of a burst perhaps 100 ms): retried with a short doubling wait, about 3 s in all,
+# before the sender is told 451.
+_BUSY_ATTEMPTS = 30
+_BUSY_INITIAL, _BUSY_CAP = 0.005, 0.2
+# "SELECT ... FOR UPDATE NOWAIT" found the row locked.
+_LOCK_NOT_AVAILABLE = "55P03"
+_TRY_LOCKS = text(
+    "SELECT bool_and(pg_try_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) AS k"
+)
+
+
+def thread_keys(msg: ParsedMessage) -> list[int]:
+    """Advisory-lock keys for every id that could join ``msg`` to another message: its own
+    Message-ID and every id it points at.  Two messages that the thread rules could put in
+    one interaction always share one of these (a reply names its parent; siblings name
+    their common ancestor), so holding them all serialises exactly the races that could
+    split a thread.  Sorted, so everyone takes them in one order."""
+    ids = {i for i in (msg.message_id, *msg.parents) if i}
+    return sorted(
+        int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big", signed=True)
+        for i in ids
+    )
 
 
 @dataclass(frozen=True)
@@ -156,7 +188,7 @@ class Pipeline:
         """:meth:`accept` for the daemon: the same work, group-committed with other writes."""
         started = time.perf_counter()
         msg, receiving = await asyncio.to_thread(self._prepare, raw, accounts, envelope_sender)
-        for attempt in (1, 2):
+        for attempt in range(1, _BUSY_ATTEMPTS + 1):
             try:
                 result = await self.rt.writes.submit(
                     lambda s: self._accept_in(s, msg, receiving, source, in_mailbox_of)
@@ -166,6 +198,8 @@ class Pipeline:
                 if not self._retryable(exc, attempt):
                     self.rt.metrics.received(receiving[0], source, "tempfail")
                     raise self._unavailable(exc) from exc
+                if isinstance(exc, ThreadBusy):
+                    await asyncio.sleep(backoff(attempt, _BUSY_INITIAL, _BUSY_CAP))
         self.rt.metrics.accepted(time.perf_counter() - started)
         self._log(msg, result, source)
         return result
@@ -182,8 +216,9 @@ class Pipeline:
         commit's fsync dominates).  The batch is atomic: a crash leaves none of it applied,
         and since every message is recognised as a duplicate when it is seen again, a rerun
         after a crash is idempotent.  A store error in the batch (another instance inserted
-        one of these messages meanwhile) rolls it back and the messages are accepted one by
-        one instead, each with :meth:`accept`'s own retry.
+        one of these messages, or holds one of their threads, meanwhile) rolls all of it back
+        and raises :class:`StoreUnavailable`: the caller accepts those messages one by one,
+        each with :meth:`accept`'s own retry, and learns which of them failed.
         """
         started = time.perf_counter()
         prepared = [self._prepare(raw, accounts, None) for raw, accounts in batch]
@@ -193,8 +228,8 @@ class Pipeline:
                     self._accept_in(session, msg, receiving, source, None)
                     for msg, receiving in prepared
                 ]
-        except SQLAlchemyError:
-            return [self.accept(raw, accounts, source=source) for raw, accounts in batch]
+        except (SQLAlchemyError, ThreadBusy) as exc:
+            raise self._unavailable(exc) from exc
         each = (time.perf_counter() - started) / max(1, len(batch))
         for (msg, _receiving), result in zip(prepared, results, strict=True):
             self.rt.metrics.accepted(each)
@@ -219,7 +254,7 @@ class Pipeline:
         return msg, self.order_recipients(msg, accounts)
 
     def _with_retry(self, once: Callable[[], T]) -> T:
-        for attempt in (1, 2):
+        for attempt in range(1, _BUSY_ATTEMPTS + 1):
             try:
                 return once()
             except NotHeld:
@@ -227,10 +262,14 @@ class Pipeline:
             except Exception as exc:
                 if not self._retryable(exc, attempt):
                     raise self._unavailable(exc) from exc
+                if isinstance(exc, ThreadBusy):
+                    time.sleep(backoff(attempt, _BUSY_INITIAL, _BUSY_CAP))
         raise AssertionError("unreachable")
 
     @staticmethod
     def _retryable(exc: Exception, attempt: int) -> bool:
+        if isinstance(exc, ThreadBusy):
+            return attempt < _BUSY_ATTEMPTS
         # Another instance stored the same message between our look-up and insert; the
         # second attempt sees it and takes the duplicate path.
         return isinstance(exc, IntegrityError) and attempt == 1
@@ -241,6 +280,8 @@ class Pipeline:
             return exc
         if isinstance(exc, IntegrityError):
             return StoreUnavailable("conflicting concurrent insert")
+        if isinstance(exc, ThreadBusy):
+            return StoreUnavailable("its thread stayed busy on another instance")
         if isinstance(exc, OperationalError):
             return StoreUnavailable(f"store unavailable: {exc.orig}")
         return StoreUnavailable(f"store error: {exc}")
@@ -261,7 +302,7 @@ class Pipeline:
         try:
             with session.begin_nested():
                 return self._apply(session, msg, receiving, source, in_mailbox_of, pk)
-        except SQLAlchemyError:
+        except (SQLAlchemyError, ThreadBusy):
             raise  # the store's problem, not the message's: the caller retries or 451s
         except Exception as exc:  # noqa: BLE001 - event() logs it with exc_info
             event(
@@ -281,7 +322,20 @@ class Pipeline:
     ) -> Accepted:
         view = StoreView(session, self.accounts)
         started = time.perf_counter()
+        if not self.db.is_sqlite:
+            self._lock_thread(session, msg)
         d = decide(msg, receiving, view, subject_token=self.settings.notify.subject_token or None)
+        if (
+            not self.db.is_sqlite
+            and d.interaction_id is not None
+            and d.owner is not None
+            and self._lock_interaction(session, d.interaction_id) != d.owner
+        ):
+            # A transfer committed after decide read the owner: decide again, now that
+            # no transfer can change it until this transaction ends.
+            d = decide(
+                msg, receiving, view, subject_token=self.settings.notify.subject_token or None
+            )
         self.rt.metrics.resolved(time.perf_counter() - started)
         ids = [self.accounts.id(n) for n in receiving]
         match d.action:
@@ -299,6 +353,44 @@ class Pipeline:
                 return self._store_and_deliver(session, msg, ids, source, in_mailbox_of, d, pk)
             case _:
                 assert_never(d.action)
+
+    def _lock_thread(self, session: Session, msg: ParsedMessage) -> None:
+        """PostgreSQL: hold this message's thread keys until the transaction ends.
+
+        On SQLite one writer at a time resolves and stores, so a message always sees the
+        one stored before it.  On PostgreSQL two instances resolve at once, and neither
+        sees the other's uncommitted message: two replies to one parent that is not
+        stored, or a message and its reply, would each open an interaction.  The lock is
+        tried, never waited for: a group commit holds its locks until its whole batch
+        commits, and two batches waiting on each other would deadlock.
+        """
+        keys = thread_keys(msg)
+        # bool_and over no keys is NULL, not true: a message with no id at all locks nothing.
+        if keys and not session.connection().scalar(_TRY_LOCKS, {"keys": keys}):
+            raise ThreadBusy(format_id(msg.message_id))
+
+    def _lock_interaction(self, session: Session, interaction_id: int) -> str | None:
+        """PostgreSQL: lock the interaction's row (NOWAIT, as above) and return its owner
+        (an account name) as read under the lock.
+
+        A transfer locks the row too: with it held, the owner cannot change between the
+        routing decision and the commit, so a reply to the old address is never delivered
+        to the old owner after a transfer that its notice did not see.
+        """
+        stmt = (
+            select(INTERACTIONS.c.account_id)
+            .where(INTERACTIONS.c.id == interaction_id)
+            .with_for_update(nowait=True)
+        )
+        # No savepoint of its own: a refused lock aborts the message's savepoint
+        # (``_accept_in``), which the ThreadBusy raised here rolls back.
+        try:
+            account_id = session.connection().scalar(stmt)
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
+                raise ThreadBusy(f"interaction {interaction_id}") from exc
+            raise
+        return None if account_id is None else self.accounts.name(account_id)
 
     def _store_and_deliver(
         self,

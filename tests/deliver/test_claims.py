@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,20 +31,10 @@ from mailrouter.store.models import Instance, Outbox, utcnow
 CHAIRS = "chairs-quote"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
+@pytest.fixture
+def store(tmp_path: Path, database_url: str) -> Settings:
     """The same claims on SQLite and on the suite's PostgreSQL."""
-    settings = make_settings(tmp_path)
-    if request.param == "postgres":
-        from sqlalchemy import create_engine, text
-
-        url = request.getfixturevalue("postgres_url")
-        engine = create_engine(url)
-        with engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-        engine.dispose()
-        settings = settings.with_(database_url=url)
-    yield settings
+    return make_settings(tmp_path).with_(database_url=database_url)
 
 
 def claim(rt: Runtime, worker: OutboxWorker) -> list[Job]:

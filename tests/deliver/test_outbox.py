@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select, text, update
+from sqlalchemy import select, update
 
 from helpers import (
     accept,
@@ -33,7 +32,10 @@ from mailrouter.retry import backoff
 from mailrouter.runtime import Runtime
 from mailrouter.store.models import Outbox, OutboxKind, utcnow
 from mailrouter.transfer import transfer
-from servers import CaptureSmarthost
+from servers import SQLITE_ONLY, CaptureSmarthost
+
+# Every test here runs on SQLite and on the real PostgreSQL (tests/servers.py).
+pytestmark = pytest.mark.usefixtures("backend")
 
 CHAIRS = "chairs-quote"
 CUSTOMER = "anna.berg@customer.example"  # From: of 01-customer-asks.eml
@@ -188,18 +190,10 @@ def test_4xx_before_the_deadline_backs_off_within_the_jitter_bounds(
 # --------------------------------------------------------------------------- lease
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
-    """The test accounts on SQLite, or on the session's PostgreSQL database (emptied)."""
-    settings = make_settings(tmp_path)
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("postgres_url")
-        engine = create_engine(url)
-        with engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-        engine.dispose()
-        settings = settings.with_(database_url=url)
-    yield settings
+@pytest.fixture
+def store_settings(tmp_path: Path) -> Settings:
+    """The test accounts on this test's store (the module runs on both)."""
+    return make_settings(tmp_path)
 
 
 def test_lease_of_a_dead_worker_is_reclaimed_and_delivered_once(store_settings: Settings) -> None:
@@ -275,6 +269,7 @@ def _sqlite(settings: Settings) -> str:
     return settings.database_url.removeprefix("sqlite:///")
 
 
+@SQLITE_ONLY  # a SQLite trigger makes the store refuse writes
 def test_an_outcome_the_store_cannot_take_is_kept_and_recorded_once_it_can(
     tmp_path: Path,
 ) -> None:
@@ -311,6 +306,7 @@ def test_an_outcome_the_store_cannot_take_is_kept_and_recorded_once_it_can(
         assert len(maildir_messages(settings, "sales")) == 1
 
 
+@SQLITE_ONLY  # a SQLite trigger makes the store refuse writes
 def test_the_worker_waits_out_a_store_that_refuses_writes_instead_of_crashing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

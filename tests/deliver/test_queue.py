@@ -23,6 +23,9 @@ from mailrouter.store.models import Outbox
 from mailrouter.transfer import transfer
 from servers import CaptureSmarthost
 
+# Every test here runs on SQLite and on the real PostgreSQL (tests/servers.py).
+pytestmark = pytest.mark.usefixtures("backend")
+
 CHAIRS = "chairs-quote"
 PICKUP = '[outbound]\ntype = "pickup"\npath = "pickup"\n'
 
@@ -399,20 +402,10 @@ def test_several_ids_each_get_their_answer_and_one_refusal_is_exit_1(tmp_path: P
 # --------------------------------------------------------------------------- both stores
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
-    """The test accounts on SQLite, or on the session's PostgreSQL database (emptied)."""
-    from sqlalchemy import create_engine, text
-
-    settings = make_settings(tmp_path)
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("postgres_url")
-        engine = create_engine(url)
-        with engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-        engine.dispose()
-        settings = settings.with_(database_url=url)
-    return settings
+@pytest.fixture
+def store_settings(tmp_path: Path) -> Settings:
+    """The test accounts on this test's store (the module runs on both)."""
+    return make_settings(tmp_path)
 
 
 def test_every_action_locks_and_changes_its_row_on_both_stores(store_settings: Settings) -> None:

@@ -27,6 +27,7 @@ from mailrouter.http.problems import PROBLEM_JSON
 from mailrouter.runtime import Runtime
 from mailrouter.store.models import IdempotencyKey, Interaction, Outbox
 from mailrouter.views import interaction_detail, interaction_dict
+from servers import store_at
 
 _seq = itertools.count(1)
 
@@ -48,9 +49,11 @@ class Desk:
 
 
 @pytest.fixture(scope="module")
-def desk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desk]:
-    """The daemon with agents alice and dave (sales), bob (support), carol (billing), root."""
-    settings = http_settings(tmp_path_factory.mktemp("api"))
+def desk(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> Iterator[Desk]:
+    """The daemon with agents alice and dave (sales), bob (support), carol (billing), root;
+    once on SQLite, once on the real PostgreSQL (a database of its own)."""
+    with store_at(module_database_url):
+        settings = http_settings(tmp_path_factory.mktemp("api"))
     served = start(settings)
     try:
         tokens = {}

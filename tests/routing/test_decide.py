@@ -10,6 +10,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from fake_view import ORDER, FakeView, conversation, mail
 from sqlalchemy import select
 
@@ -262,6 +263,7 @@ def test_every_action_has_a_description() -> None:
 # --------------------------------------------------------------------------- the pipeline
 
 
+@pytest.mark.usefixtures("backend")  # on SQLite and on the real PostgreSQL
 def test_reply_to_an_old_account_is_routed_and_stored_as_route(tmp_path: Path) -> None:
     """Through the real store: after a transfer, a reply to sales@ is routed to support."""
     settings = make_settings(tmp_path)

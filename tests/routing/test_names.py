@@ -66,6 +66,7 @@ BOUNCE_OF_ASK = (
 )
 
 
+@pytest.mark.usefixtures("backend")  # on SQLite and on the real PostgreSQL
 def test_every_rule_name_in_a_decision_has_a_description(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,19 +14,9 @@ from mailrouter.store import leases
 from mailrouter.store.models import utcnow
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def rt(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Runtime]:
-    settings = make_settings(tmp_path)
-    if request.param == "postgres":
-        from sqlalchemy import create_engine, text
-
-        url = request.getfixturevalue("postgres_url")
-        engine = create_engine(url)
-        with engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-        engine.dispose()
-        settings = settings.with_(database_url=url)
-    with pipeline(settings) as runtime:
+@pytest.fixture
+def rt(tmp_path: Path, database_url: str) -> Iterator[Runtime]:
+    with pipeline(make_settings(tmp_path).with_(database_url=database_url)) as runtime:
         yield runtime
 
 

@@ -3,12 +3,11 @@ read back through today's code, and every revision downgrades and upgrades again
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from helpers import make_settings, scenario
 from mailrouter.config import Settings
@@ -20,17 +19,9 @@ from mailrouter.store.migrate import _config, current_revision, head_revision, u
 from mailrouter.trace import trace
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
-    settings = make_settings(tmp_path)
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("postgres_url")
-        engine = create_engine(url)
-        with engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-        engine.dispose()
-        settings = settings.with_(database_url=url)
-    yield settings
+@pytest.fixture
+def store_settings(tmp_path: Path, database_url: str) -> Settings:
+    return make_settings(tmp_path).with_(database_url=database_url)
 
 
 def _to(settings: Settings, revision: str, *, down: bool = False) -> None:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
 from helpers import ADDRESSES, maildir_messages, make_settings, scenario
 from mailrouter.config import Settings
@@ -16,20 +15,17 @@ from mailrouter.pipeline import Pipeline
 from mailrouter.runtime import Runtime
 from mailrouter.store.models import Message, Outbox
 from mailrouter.transfer import transfer
+from servers import reset_schema
 
 pytestmark = pytest.mark.postgres
 CHAIRS = "chairs-quote"
 
 
 @pytest.fixture
-def pg_settings(tmp_path: Path, postgres_url: str) -> Iterator[Settings]:
+def pg_settings(tmp_path: Path, postgres_url: str) -> Settings:
     """Settings on the session's PostgreSQL database, emptied for this test."""
-    engine = create_engine(postgres_url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
-    settings = make_settings(tmp_path)
-    yield settings.with_(database_url=postgres_url)
+    reset_schema(postgres_url)
+    return make_settings(tmp_path).with_(database_url=postgres_url)
 
 
 def test_postgres_store_runs_transfer_and_old_address_routing(pg_settings: Settings) -> None:

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from helpers import accept, make_settings, pipeline
+
+# Every test here runs on SQLite and on the real PostgreSQL (tests/servers.py).
+pytestmark = pytest.mark.usefixtures("backend")
 
 CUSTOMER = b"From: Alice <alice@customer.test>\nTo: sales@example.test\n"
 STRANGER = b"From: Mallory <mallory@elsewhere.test>\nTo: sales@example.test\n"

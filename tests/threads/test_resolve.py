@@ -25,10 +25,12 @@ SUPPORT = "support@example.test"
 
 
 @pytest.fixture
-def pipeline(tmp_path: Path) -> Iterator[Pipeline]:
+def pipeline(tmp_path: Path, database_url: str) -> Iterator[Pipeline]:
+    """Two accounts, on SQLite and on the real PostgreSQL (tests/servers.py)."""
     config = tmp_path / "mailrouter.toml"
     config.write_text(
         f'state_dir = "{tmp_path}"\n'
+        f'[database]\nurl = "{database_url}"\n'
         f'[accounts.sales]\naddress = "{SALES}"\n'
         f'[accounts.support]\naddress = "{SUPPORT}"\n',
         encoding="utf-8",

@@ -121,15 +121,21 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
             batch: list[tuple[Recorded, list[AccountSettings]]] = []
 
             def commit() -> None:
-                # One transaction per batch (see Pipeline.accept_many); a batch the store
-                # refuses is reported message by message, like a per-message accept.
+                # One transaction per batch (see Pipeline.accept_many).  A batch the store
+                # refuses was rolled back whole: its messages are tried one by one, so a
+                # failure is reported for the message it concerns.
                 try:
                     done = pipeline.accept_many(
                         [(item.raw, accounts) for item, accounts in batch], source="replay"
                     )
                     counts.update(r.decision.action for r in done)
-                except StoreUnavailable as exc:
-                    failed.extend(f"{item.origin}: {exc}" for item, _ in batch)
+                except StoreUnavailable:
+                    for item, accounts in batch:
+                        try:
+                            r = pipeline.accept(item.raw, accounts, source="replay")
+                            counts[r.decision.action] += 1
+                        except StoreUnavailable as exc:
+                            failed.append(f"{item.origin}: {exc}")
                 bar.update(len(batch))
                 batch.clear()
 
