@@ -32,10 +32,14 @@ from mailrouter.config import Settings
 from mailrouter.deliver.errors import DeliveryError
 from mailrouter.deliver.mailbox import (
     Delivered,
+    Drop,
+    adds_envelope_headers,
     deliver_to_account,
+    deliver_to_maildirs,
     relay_of_account,
     relay_of_outbound,
     send_outbound,
+    settle_maildirs,
     with_trace_headers,
 )
 from mailrouter.log import event
@@ -301,13 +305,24 @@ class OutboxWorker:
             message_id = msg.message_id if msg is not None else ""
             account = self.rt.accounts.name(ob.account_id)
             relay = relay_of_outbound(self.settings.outbound)
+            envelope_from = ob.envelope_from
             if ob.kind == OutboxKind.DELIVER.value:
-                relay = relay_of_account(self.settings.account(account))
+                acc = self.settings.account(account)
+                relay = relay_of_account(acc)
                 if msg is not None:
                     routed_from = None
                     if msg.routed_to_account_id is not None:
                         routed_from = self.rt.account_of(msg.account_id).address
-                    payload = with_trace_headers(msg.raw, ob.interaction_id, routed_from)
+                    mda = adds_envelope_headers(acc)
+                    payload = with_trace_headers(
+                        msg.raw,
+                        ob.interaction_id,
+                        routed_from,
+                        return_path=msg.envelope_from if mda else None,
+                        delivered_to=acc.address if mda else None,
+                    )
+                    # An LMTP server writes its Return-Path from our MAIL FROM.
+                    envelope_from = msg.envelope_from or ""
             jobs.append(
                 Job(
                     id=ob.id,
@@ -316,7 +331,7 @@ class OutboxWorker:
                     interaction_id=ob.interaction_id,
                     payload=payload,
                     message_id=message_id,
-                    envelope_from=ob.envelope_from,
+                    envelope_from=envelope_from,
                     envelope_to=[a for a in ob.envelope_to.split(",") if a],
                     attempts=ob.attempts,
                     deadline=ob.deadline,
@@ -417,16 +432,24 @@ class OutboxWorker:
 
     # ------------------------------------------------------------------ delivery (async)
 
+    def _drop_of(self, job: Job) -> Drop | None:
+        """The Maildir drop of a delivery into a Maildir account (batched), else None."""
+        if job.kind != OutboxKind.DELIVER.value:
+            return None
+        d = self.settings.account(job.account).delivery
+        if d.type != "maildir" or d.path is None:
+            return None
+        return Drop(d.path, job.payload, job.key)
+
     async def _attempt(self, job: Job) -> Delivered:
         if job.kind == OutboxKind.DELIVER.value:
             acc = self.settings.account(job.account)
-            # The first claim of a row cannot have delivered before: no search for a copy.
             return await deliver_to_account(
                 acc,
                 job.payload,
                 message_id=job.message_id,
                 key=job.key,
-                retry=job.attempts > 1,
+                mail_from=job.envelope_from,
             )
         return await send_outbound(
             self.settings.outbound,
@@ -446,20 +469,72 @@ class OutboxWorker:
         except DeliveryError as exc:
             error = exc
         except Exception as exc:  # noqa: BLE001 - event() logs it with exc_info
-            event(log, "outbox-crashed", logging.ERROR, exc_info=True, job=job.id, kind=job.kind)
-            error = DeliveryError(f"internal error: {type(exc).__name__}: {exc}")
+            error = _crashed(job, exc)
         try:
             outcome: Outcome = await self.rt.writes.submit(
                 lambda s: self._finish_in(s, job, error, delivered, started)
             )
         except Exception as exc:  # noqa: BLE001 - the store's trouble, logged and kept
-            # The attempt is over (maybe delivered) but the store cannot say so now.  Left
-            # "sending", the row would wait for its lease and then go out again; kept, it
-            # is recorded as soon as the store takes writes again (next round).
-            self._unrecorded.append((job, error))
-            why = _short(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
-            event(log, "outbox-unrecorded", logging.ERROR, job=job.id, kind=job.kind, error=why)
+            self._keep_unrecorded([(job, error)], exc)
             return "unrecorded"
+        drop = self._drop_of(job)
+        if drop is not None and _settled(outcome):
+            await settle_maildirs([drop])
+        self._report(job, error, outcome)
+        return outcome.status
+
+    async def process_maildirs(self, jobs: Sequence[Job]) -> list[str]:
+        """Attempt Maildir deliveries as one batch and record them in one commit.
+
+        Every file is written and fsynced, each mailbox's directory is fsynced once for
+        the whole batch, and all outcomes (job states and attempt rows) go to the store
+        as one writer operation: delivery costs the writer one commit per batch, so it
+        keeps pace with ingest instead of queueing behind it once per message.
+        """
+        drops = [drop for job in jobs if (drop := self._drop_of(job)) is not None]
+        assert len(drops) == len(jobs), "only Maildir deliveries are batched"
+        started = utcnow()
+        try:
+            results = await deliver_to_maildirs(drops)
+        except Exception as exc:  # noqa: BLE001 - event() logs it with exc_info
+            results = [_crashed(job, exc) for job in jobs]
+        done = [
+            (
+                job,
+                r if isinstance(r, DeliveryError) else None,
+                r if isinstance(r, Delivered) else None,
+            )
+            for job, r in zip(jobs, results, strict=True)
+        ]
+
+        def record(s: Session) -> list[Outcome]:
+            return [self._finish_in(s, job, err, dlv, started) for job, err, dlv in done]
+
+        try:
+            outcomes = await self.rt.writes.submit(record)
+        except Exception as exc:  # noqa: BLE001 - the store's trouble, logged and kept
+            self._keep_unrecorded([(job, err) for job, err, _ in done], exc)
+            return ["unrecorded"] * len(jobs)
+        await settle_maildirs(
+            [drop for drop, outcome in zip(drops, outcomes, strict=True) if _settled(outcome)]
+        )
+        for (job, err, _), outcome in zip(done, outcomes, strict=True):
+            self._report(job, err, outcome)
+        return [o.status for o in outcomes]
+
+    def _keep_unrecorded(
+        self, attempts: list[tuple[Job, DeliveryError | None]], exc: Exception
+    ) -> None:
+        # The attempts are over (maybe delivered) but the store cannot say so now.  Left
+        # "sending", the rows would wait for their leases and then go out again; kept,
+        # they are recorded as soon as the store takes writes again (next round).
+        self._unrecorded.extend(attempts)
+        why = _short(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
+        for job, _ in attempts:
+            event(log, "outbox-unrecorded", logging.ERROR, job=job.id, kind=job.kind, error=why)
+
+    def _report(self, job: Job, error: DeliveryError | None, outcome: Outcome) -> None:
+        """Metrics and the one ``event=outbox`` line of a recorded attempt."""
         delay = (utcnow() - job.created_at).total_seconds()
         sent = outcome.attempt == AttemptStatus.SENT
         metrics = self.rt.metrics
@@ -485,7 +560,6 @@ class OutboxWorker:
             reply=outcome.reply if sent else None,
             error=str(error) if error else None,
         )
-        return outcome.status
 
     async def _record_unrecorded(self) -> None:
         """Record the outcomes the store could not take before (raises while it still
@@ -494,28 +568,40 @@ class OutboxWorker:
             return
         pending = list(self._unrecorded)
 
-        def record(s: Session) -> list[str]:
-            return [self._finish_in(s, job, error).status for job, error in pending]
+        def record(s: Session) -> list[Outcome]:
+            return [self._finish_in(s, job, error) for job, error in pending]
 
-        statuses = await self.rt.writes.submit(record)
+        outcomes = await self.rt.writes.submit(record)
         del self._unrecorded[: len(pending)]
-        for (job, _), status in zip(pending, statuses, strict=True):
-            event(log, "outbox-recorded", job=job.id, kind=job.kind, status=status)
+        await settle_maildirs(
+            [
+                drop
+                for (job, _), outcome in zip(pending, outcomes, strict=True)
+                if _settled(outcome) and (drop := self._drop_of(job)) is not None
+            ]
+        )
+        for (job, _), outcome in zip(pending, outcomes, strict=True):
+            event(log, "outbox-recorded", job=job.id, kind=job.kind, status=outcome.status)
 
     async def _round(self, stop: asyncio.Event | None = None) -> int:
-        """Claim one batch and attempt it, a few deliveries at a time; returns the count."""
+        """Claim one batch and attempt it; returns the count attempted.
+
+        Maildir deliveries go as one batch (:meth:`process_maildirs`).  The rest —
+        LMTP, IMAP APPEND, the smarthost, pickup — are per job: mailboxes (and the
+        smarthost queue per sending account) are worked on in parallel, a few at a time,
+        each one's jobs in order, so a reply never overtakes its predecessor in the
+        agent's mailbox.  Their bookkeeping still shares commits (store/writer.py).
+        """
         await self._record_unrecorded()
         jobs = await self.rt.writes.submit(lambda s: self._claim_in(s, self.settings.outbox.batch))
         if not jobs:
             return 0
-        # Mailboxes (and the smarthost queue per sending account) are worked on in
-        # parallel, each one's jobs in order: a reply must not overtake its predecessor
-        # in the agent's mailbox.  Concurrent attempts also let their bookkeeping share
-        # commits (store/writer.py); each job is still marked done right after its attempt.
+        batched = [job for job in jobs if self._drop_of(job) is not None]
         lanes: dict[tuple[str, str], list[Job]] = {}
         for job in jobs:
-            direction = "in" if job.kind == OutboxKind.DELIVER.value else "out"
-            lanes.setdefault((direction, job.account), []).append(job)
+            if self._drop_of(job) is None:
+                direction = "in" if job.kind == OutboxKind.DELIVER.value else "out"
+                lanes.setdefault((direction, job.account), []).append(job)
         gate = asyncio.Semaphore(CONCURRENCY)
         skipped: list[Job] = []
 
@@ -527,7 +613,13 @@ class OutboxWorker:
                     else:
                         await self.process(job)
 
-        await asyncio.gather(*(lane(q) for q in lanes.values()))
+        async def maildirs() -> None:
+            if stop is not None and stop.is_set():
+                skipped.extend(batched)
+            elif batched:
+                await self.process_maildirs(batched)
+
+        await asyncio.gather(maildirs(), *(lane(q) for q in lanes.values()))
         if skipped:
             await self.rt.writes.submit(lambda s: self._release_in(s, skipped))
         return len(jobs) - len(skipped)
@@ -608,6 +700,21 @@ class OutboxWorker:
             await wait_first(
                 self._wake.wait(), stop.wait(), seconds=self.settings.outbox.poll_interval
             )
+
+
+def _crashed(job: Job, exc: Exception) -> DeliveryError:
+    """A bug met while attempting ``job``: logged with its traceback, retried as temporary."""
+    event(log, "outbox-crashed", logging.ERROR, exc_info=exc, job=job.id, kind=job.kind)
+    return DeliveryError(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _settled(outcome: Outcome) -> bool:
+    """Whether a recorded outcome is final for the row: a retry will not need evidence.
+
+    Deferred rows are retried; a lost claim belongs to the newer claimer, whose own
+    attempt may be about to look for the evidence.
+    """
+    return outcome.status in (OutboxStatus.SENT.value, OutboxStatus.FAILED.value)
 
 
 def _short(exc: SQLAlchemyError) -> str:
