@@ -1,5 +1,6 @@
-"""Put a message into an account's mailbox with the backend the account is configured for,
-and send mailrouter's own mail out; adds the trace headers a routed copy carries.
+"""Put a message into an account's mailbox with the backend the account is configured for
+(Maildir in batches), and send mailrouter's own mail out; writes the headers a delivered
+copy carries: our trace headers, and Return-Path and Delivered-To where we are the MDA.
 
 Each delivery returns what the other side said (:class:`Delivered`), so the outbox can
 record every attempt with its reply, and names its relay the way the log does
@@ -115,6 +116,7 @@ def with_trace_headers(
     *,
     return_path: str | None = None,
     delivered_to: str | None = None,
+    strip_return_path: bool = False,
 ) -> bytes:
     """Prepend ``X-Mailrouter-*`` trace headers, dropping inbound copies of them first.
 
@@ -123,9 +125,11 @@ def with_trace_headers(
     ``delivered_to`` (the mailbox's address) is added above the ``Delivered-To`` fields
     already there.  ``return_path=None`` means the envelope is unknown (replayed or
     IMAP-watched mail, whose Return-Path its own MDA wrote): inbound ones then stay.
-    Every other byte of the original stays as it was.
+    ``strip_return_path`` drops inbound ones without adding ours, for a server that
+    writes its own from our MAIL FROM (LMTP: Dovecot keeps what it is given, above its
+    own).  Every other byte of the original stays as it was.
     """
-    raw = _strip_fields(raw, return_path=return_path is not None)
+    raw = _strip_fields(raw, return_path=return_path is not None or strip_return_path)
     eol = b"\r\n" if b"\r\n" in raw[:2000] else b"\n"
     lines = []
     if return_path is not None:

@@ -2,9 +2,11 @@
 the worker delivers routed mail and sends notices and replies, with retries.
 
 Rows are written in the same transaction as the change that causes them (pipeline,
-transfer, reply).  The worker claims due rows with a lease (so a crashed worker's rows
-become claimable again), delivers outside any transaction, then records the outcome.
-Every backend is idempotent on the row's key (Maildir name, pickup name, IMAP search by
+transfer, reply).  The worker claims a batch of due rows in one statement, with a lease
+fenced on its instance (so a crashed worker's rows become claimable again), delivers
+outside any transaction, then records the outcomes.  Maildir deliveries go as a batch
+whose outcomes are recorded in one commit; the other backends go job by job.  Every
+backend is idempotent on the row's key (Maildir tmp name, pickup name, IMAP search by
 Message-ID), so a crash between "delivered" and "marked sent" does not deliver twice.
 Temporary failures back off exponentially with jitter until the row's deadline; permanent
 ones (5xx) are marked failed and stay visible in ``mailrouter queue``.  Every attempt is
@@ -313,15 +315,20 @@ class OutboxWorker:
                     routed_from = None
                     if msg.routed_to_account_id is not None:
                         routed_from = self.rt.account_of(msg.account_id).address
+                    # The envelope sender is known for SMTP and LMTP ingest (None for
+                    # replayed or IMAP-watched mail).  Into a Maildir or over APPEND we
+                    # write Return-Path and Delivered-To; an LMTP server writes them from
+                    # our MAIL FROM and RCPT TO, so only the inbound ones go.
                     mda = adds_envelope_headers(acc)
+                    known = msg.envelope_from is not None
                     payload = with_trace_headers(
                         msg.raw,
                         ob.interaction_id,
                         routed_from,
                         return_path=msg.envelope_from if mda else None,
                         delivered_to=acc.address if mda else None,
+                        strip_return_path=known and not mda,
                     )
-                    # An LMTP server writes its Return-Path from our MAIL FROM.
                     envelope_from = msg.envelope_from or ""
             jobs.append(
                 Job(
