@@ -52,6 +52,8 @@ from mailrouter.runtime import Runtime
 from mailrouter.store.inserts import add_message, insert_outbox
 from mailrouter.store.instances import claim_is_dead, heartbeat, register, retire
 from mailrouter.store.models import (
+    MESSAGES,
+    OUTBOX,
     OUTBOX_ATTEMPTS,
     AttemptStatus,
     Direction,
@@ -77,6 +79,9 @@ log = logging.getLogger("mailrouter.outbox")
 
 # Deliveries attempted at once: enough to overlap I/O, few enough to be kind to a smarthost.
 CONCURRENCY = 8
+# After a round that found less than a full batch, wait this long before claiming again:
+# deliveries a little later (a tenth of a second) in exchange for batches, not single jobs.
+LINGER = 0.1
 # The store refusing writes (disk full, locked): the worker pauses, doubling from this up
 # to the cap, and starts again from the bottom once a round went through.
 STORE_RETRY_INITIAL = 0.5
@@ -125,6 +130,11 @@ class Outcome:
     attempt: AttemptStatus  # sent, deferred, bounced
     dsn: str
     reply: str
+
+
+# One attempt ready to record: the job, how it failed (None: delivered), what the other
+# side said, and when the attempt started.
+Attempt = tuple[Job, DeliveryError | None, Delivered | None, datetime | None]
 
 
 def enqueue(
@@ -265,71 +275,93 @@ class OutboxWorker:
         me = self.register_in(s)
         now = utcnow()
         lease = now + timedelta(seconds=self.settings.outbox.lease)
+        o, m = OUTBOX.c, MESSAGES.c
         due = or_(
-            (Outbox.status == OutboxStatus.PENDING.value) & (Outbox.next_attempt_at <= now),
+            (o.status == OutboxStatus.PENDING.value) & (o.next_attempt_at <= now),
             # A worker that died mid-delivery left its rows "sending": take them back once
             # its instance is retired or silent (seconds), or its lease ran out.
-            (Outbox.status == OutboxStatus.SENDING.value)
+            (o.status == OutboxStatus.SENDING.value)
             & claim_is_dead(now, self.settings.outbox.dead_after),
         )
-        jobs: list[Job] = []
+        # Core statements, not ORM objects: the claim runs on the writer thread, which
+        # ingest shares, once per batch; the unit of work's bookkeeping cost more than
+        # the SQL itself.
+        conn = s.connection()
         # SKIP LOCKED lets several instances share the PostgreSQL outbox; SQLAlchemy
         # drops it on SQLite, where BEGIN IMMEDIATE already serialises claimers.
         ids = list(
-            s.scalars(
-                select(Outbox.id)
+            conn.execute(
+                select(o.id)
                 .where(due)
-                .order_by(Outbox.next_attempt_at, Outbox.id)
+                .order_by(o.next_attempt_at, o.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
-            )
+            ).scalars()
         )
         if not ids:
             return []
-        s.execute(
-            update(Outbox)
-            .where(Outbox.id.in_(ids), due)
+        conn.execute(
+            update(OUTBOX)
+            .where(o.id.in_(ids), due)
             .values(
                 status=OutboxStatus.SENDING.value,
                 claimed_until=lease,
                 claimed_by=me,
-                attempts=Outbox.attempts + 1,
+                attempts=o.attempts + 1,
             )
         )
-        rows = s.execute(
-            select(Outbox, Message)
-            .outerjoin(Message, Message.id == Outbox.message_pk)
-            .where(Outbox.id.in_(ids), Outbox.claimed_by == me, Outbox.claimed_until == lease)
-            .order_by(Outbox.id)
+        rows = conn.execute(
+            select(
+                o.id,
+                o.kind,
+                o.account_id,
+                o.interaction_id,
+                o.payload,
+                o.envelope_from,
+                o.envelope_to,
+                o.attempts,
+                o.deadline,
+                o.created_at,
+                m.message_id,
+                m.content_hash,
+                m.raw,
+                m.envelope_from.label("message_envelope_from"),
+                m.account_id.label("message_account_id"),
+                m.routed_to_account_id,
+            )
+            .select_from(OUTBOX.outerjoin(MESSAGES, m.id == o.message_pk))
+            .where(o.id.in_(ids), o.claimed_by == me, o.claimed_until == lease)
+            .order_by(o.id)
         ).all()
-        for ob, msg in rows:
+        jobs: list[Job] = []
+        for ob in rows:
+            has_message = ob.raw is not None
             payload = ob.payload
-            message_id = msg.message_id if msg is not None else ""
             account = self.rt.accounts.name(ob.account_id)
             relay = relay_of_outbound(self.settings.outbound)
             envelope_from = ob.envelope_from
             if ob.kind == OutboxKind.DELIVER.value:
                 acc = self.settings.account(account)
                 relay = relay_of_account(acc)
-                if msg is not None:
+                if has_message:
                     routed_from = None
-                    if msg.routed_to_account_id is not None:
-                        routed_from = self.rt.account_of(msg.account_id).address
+                    if ob.routed_to_account_id is not None:
+                        routed_from = self.rt.account_of(ob.message_account_id).address
                     # The envelope sender is known for SMTP and LMTP ingest (None for
                     # replayed or IMAP-watched mail).  Into a Maildir or over APPEND we
                     # write Return-Path and Delivered-To; an LMTP server writes them from
                     # our MAIL FROM and RCPT TO, so only the inbound ones go.
                     mda = adds_envelope_headers(acc)
-                    known = msg.envelope_from is not None
+                    sender = ob.message_envelope_from
                     payload = with_trace_headers(
-                        msg.raw,
+                        ob.raw,
                         ob.interaction_id,
                         routed_from,
-                        return_path=msg.envelope_from if mda else None,
+                        return_path=sender if mda else None,
                         delivered_to=acc.address if mda else None,
-                        strip_return_path=known and not mda,
+                        strip_return_path=sender is not None and not mda,
                     )
-                    envelope_from = msg.envelope_from or ""
+                    envelope_from = sender or ""
             jobs.append(
                 Job(
                     id=ob.id,
@@ -337,12 +369,12 @@ class OutboxWorker:
                     account=account,
                     interaction_id=ob.interaction_id,
                     payload=payload,
-                    message_id=message_id,
+                    message_id=ob.message_id if has_message else "",
                     envelope_from=envelope_from,
                     envelope_to=[a for a in ob.envelope_to.split(",") if a],
                     attempts=ob.attempts,
                     deadline=ob.deadline,
-                    key=f"{ob.id}x{(msg.content_hash[:12] if msg is not None else 'out')}",
+                    key=f"{ob.id}x{(ob.content_hash[:12] if has_message else 'out')}",
                     created_at=ob.created_at,
                     relay=relay,
                 )
@@ -367,58 +399,96 @@ class OutboxWorker:
         delivered: Delivered | None = None,
         started: datetime | None = None,
     ) -> Outcome:
-        """Record the attempt and the job's new state, in one transaction."""
+        """Record the attempt and the job's new state, in the caller's transaction."""
+        [outcome] = self._finish_many_in(s, [(job, error, delivered, started)])
+        return outcome
+
+    def _finish_many_in(self, s: Session, attempts: Sequence[Attempt]) -> list[Outcome]:
+        """Record attempts and their jobs' new states, in the caller's transaction.
+
+        Each job's update is fenced on our claim: if we were taken for dead and the row
+        was claimed again, the newer claim's outcome is the one that counts (the attempt
+        is still recorded, and its outcome says ``claim-lost``).  The successes of a
+        batch share one UPDATE, and all attempt rows one INSERT.
+        """
         now = utcnow()
-        values: dict[str, object]
-        if error is None:
-            values = {"status": OutboxStatus.SENT.value, "sent_at": now, "last_error": None}
-            attempt, reply = AttemptStatus.SENT, delivered.reply if delivered else "delivered"
-        elif error.permanent or now >= job.deadline:
-            why = (
-                str(error) if error.permanent else f"gave up after {job.attempts} attempts: {error}"
+        conn = s.connection()
+        o = OUTBOX.c
+        fence = (o.claimed_by == self.instance_id) & (o.status == OutboxStatus.SENDING.value)
+        planned: list[tuple[Job, dict[str, object], AttemptStatus, str]] = []
+        for job, error, delivered, _ in attempts:
+            values: dict[str, object]
+            if error is None:
+                values = {"status": OutboxStatus.SENT.value, "sent_at": now, "last_error": None}
+                attempt, reply = AttemptStatus.SENT, delivered.reply if delivered else "delivered"
+            elif error.permanent or now >= job.deadline:
+                why = (
+                    str(error)
+                    if error.permanent
+                    else f"gave up after {job.attempts} attempts: {error}"
+                )
+                values = {"status": OutboxStatus.FAILED.value, "last_error": why}
+                attempt, reply = AttemptStatus.BOUNCED, why
+            else:
+                delay = backoff(
+                    job.attempts,
+                    self.settings.outbox.initial_backoff,
+                    self.settings.outbox.max_backoff,
+                )
+                values = {
+                    "status": OutboxStatus.PENDING.value,
+                    "last_error": str(error),
+                    "next_attempt_at": min(now + timedelta(seconds=delay), job.deadline),
+                }
+                attempt, reply = AttemptStatus.DEFERRED, str(error)
+            values["claimed_until"] = None
+            values["claimed_by"] = None
+            planned.append((job, values, attempt, reply))
+        ours: set[int] = set()
+        sent = [job.id for job, _, attempt, _ in planned if attempt == AttemptStatus.SENT]
+        if sent:
+            ours.update(
+                conn.execute(
+                    update(OUTBOX)
+                    .where(o.id.in_(sent), fence)
+                    .values(
+                        status=OutboxStatus.SENT.value,
+                        sent_at=now,
+                        last_error=None,
+                        claimed_until=None,
+                        claimed_by=None,
+                    )
+                    .returning(o.id)
+                ).scalars()
             )
-            values = {"status": OutboxStatus.FAILED.value, "last_error": why}
-            attempt, reply = AttemptStatus.BOUNCED, why
-        else:
-            delay = backoff(
-                job.attempts, self.settings.outbox.initial_backoff, self.settings.outbox.max_backoff
+        for job, values, attempt, _ in planned:
+            if attempt != AttemptStatus.SENT:
+                res = conn.execute(update(OUTBOX).where(o.id == job.id, fence).values(**values))
+                if res.rowcount:
+                    ours.add(job.id)
+        outcomes: list[Outcome] = []
+        rows: list[dict[str, object]] = []
+        for (job, values, attempt, reply), (_, _, _, started) in zip(
+            planned, attempts, strict=True
+        ):
+            dsn = dsn_of(reply, attempt)
+            rows.append(
+                {
+                    "outbox_id": job.id,
+                    "attempt": job.attempts,
+                    "started_at": started or now,
+                    "finished_at": now,
+                    "status": attempt.value,
+                    "relay": job.relay,
+                    "dsn": dsn,
+                    "reply": reply,
+                }
             )
-            values = {
-                "status": OutboxStatus.PENDING.value,
-                "last_error": str(error),
-                "next_attempt_at": min(now + timedelta(seconds=delay), job.deadline),
-            }
-            attempt, reply = AttemptStatus.DEFERRED, str(error)
-        values["claimed_until"] = None
-        values["claimed_by"] = None
-        # Fenced on our claim: if we were taken for dead and the row was claimed again,
-        # the newer claim's outcome is the one that counts (the attempt is still recorded).
-        res = s.execute(
-            update(Outbox)
-            .where(
-                Outbox.id == job.id,
-                Outbox.claimed_by == self.instance_id,
-                Outbox.status == OutboxStatus.SENDING.value,
-            )
-            .values(**values)
-        )
-        dsn = dsn_of(reply, attempt)
-        s.connection().execute(
-            _INSERT_ATTEMPT,
-            {
-                "outbox_id": job.id,
-                "attempt": job.attempts,
-                "started_at": started or now,
-                "finished_at": now,
-                "status": attempt.value,
-                "relay": job.relay,
-                "dsn": dsn,
-                "reply": reply,
-            },
-        )
-        if not getattr(res, "rowcount", 0):
-            return Outcome("claim-lost", attempt, dsn, reply)
-        return Outcome(str(values["status"]), attempt, dsn, reply)
+            status = str(values["status"]) if job.id in ours else "claim-lost"
+            outcomes.append(Outcome(status, attempt, dsn, reply))
+        if rows:
+            conn.execute(_INSERT_ATTEMPT, rows)
+        return outcomes
 
     def _release_in(self, s: Session, jobs: list[Job]) -> None:
         """Give back claimed jobs that were never attempted (stopping)."""
@@ -515,7 +585,7 @@ class OutboxWorker:
         ]
 
         def record(s: Session) -> list[Outcome]:
-            return [self._finish_in(s, job, err, dlv, started) for job, err, dlv in done]
+            return self._finish_many_in(s, [(job, err, dlv, started) for job, err, dlv in done])
 
         try:
             outcomes = await self.rt.writes.submit(record)
@@ -576,7 +646,7 @@ class OutboxWorker:
         pending = list(self._unrecorded)
 
         def record(s: Session) -> list[Outcome]:
-            return [self._finish_in(s, job, error) for job, error in pending]
+            return self._finish_many_in(s, [(job, error, None, None) for job, error in pending])
 
         outcomes = await self.rt.writes.submit(record)
         del self._unrecorded[: len(pending)]
@@ -702,7 +772,14 @@ class OutboxWorker:
                 await wait_unless_stopped(stop, pause)
                 continue
             failures = 0
+            if done >= self.settings.outbox.batch:
+                continue  # a backlog: the next batch at once
             if done:
+                # A partial batch: mail trickles in (or ingest is busy).  Lingering a
+                # moment lets the next round take many jobs at once, so its fixed cost
+                # (two writer operations, two fsyncs per mailbox) is paid per batch,
+                # not per message, while ingest needs the writer and the CPU most.
+                await wait_unless_stopped(stop, LINGER)
                 continue
             await wait_first(
                 self._wake.wait(), stop.wait(), seconds=self.settings.outbox.poll_interval
