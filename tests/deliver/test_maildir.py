@@ -3,6 +3,7 @@ directory scan (the scale finding: its cost grew with the mailbox)."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -153,3 +154,17 @@ def test_the_sqlite_store_is_private_to_the_service(tmp_path: Path) -> None:
         os.umask(old)
     assert (tmp_path / "state" / "mailrouter.db").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+
+
+def test_without_hard_links_the_file_is_renamed_into_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem that refuses link() still gets its mail, by rename."""
+
+    def no_links(src: object, dst: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    stored = maildir_deliver(tmp_path / "box", RAW, "4xbbb")
+    assert files(tmp_path / "box") == [stored.file]
+    assert list((tmp_path / "box" / "tmp").iterdir()) == []

@@ -25,11 +25,13 @@ The one crash window: the daemon dies after step 3 and before the commit, *and* 
 the retry (seconds later) the mailbox's reader expunges that new copy.  The file then has
 one link again, and the retry delivers it a second time.  A ``tmp/`` file left by a crash
 after the commit is harmless (its row is done and never retried); Maildir readers such as
-Dovecot remove ``tmp/`` files older than 36 hours.
+Dovecot remove ``tmp/`` files older than 36 hours.  On a filesystem without hard links the
+file is renamed instead, and a crash before the commit means a second copy.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import threading
@@ -140,6 +142,22 @@ def _prepare(drop: Drop) -> Stored | None:
     return None
 
 
+# A filesystem without hard links answers one of these to link().
+_NO_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK})
+
+
+def _link(evidence: Path, final: Path) -> None:
+    try:
+        os.link(evidence, final)
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        # No hard links here (some network and FUSE filesystems): rename, as Maildir
+        # writers commonly do.  The retry's stat then finds nothing, so a crash between
+        # this and the "sent" commit delivers the message again.
+        os.rename(evidence, final)
+
+
 def maildir_deliver_batch(drops: Sequence[Drop]) -> list[Stored | OSError]:
     """Deliver every drop (see the module's protocol); one outcome per drop, in order.
 
@@ -183,7 +201,7 @@ def maildir_deliver_batch(drops: Sequence[Drop]) -> list[Stored | OSError]:
             for i in fresh:
                 final = path / "new" / _names.next(drops[i].key)
                 try:
-                    os.link(drops[i].evidence, final)
+                    _link(drops[i].evidence, final)
                 except OSError as exc:
                     outcomes[i] = exc
                 else:
