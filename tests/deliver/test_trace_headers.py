@@ -196,3 +196,18 @@ def test_over_smtp_into_the_daemon_the_maildir_copy_carries_the_envelope(
     headers = raw_headers(copy)
     assert copy.startswith(b"Return-Path: <bounces+7@customer.test>\n")
     assert headers["delivered-to"] == ["sales@example.test"]
+
+
+def test_mail_without_an_envelope_keeps_its_own_return_path(tmp_path: Path) -> None:
+    """Replayed (or IMAP-watched) mail has no envelope here: no Return-Path or
+    Delivered-To is made up, and the one its first MDA wrote stays."""
+    settings = make_settings(tmp_path)
+    raw = b"Return-Path: <first-mda@customer.test>\r\n" + FORGED
+    with pipeline(settings) as p:
+        iid = accept(p, raw, "sales").interaction_id
+        flush(p)
+    [delivered] = maildir_messages(settings, "sales")
+    assert delivered.startswith(
+        f"X-Mailrouter-Interaction: {iid}\nReturn-Path: <first-mda@customer.test>\n".encode()
+    )
+    assert b"Delivered-To" not in delivered

@@ -347,12 +347,13 @@ class OutboxWorker:
                     routed_from = None
                     if ob.routed_to_account_id is not None:
                         routed_from = self.rt.account_of(ob.message_account_id).address
-                    # The envelope sender is known for SMTP and LMTP ingest (None for
-                    # replayed or IMAP-watched mail).  Into a Maildir or over APPEND we
-                    # write Return-Path and Delivered-To; an LMTP server writes them from
-                    # our MAIL FROM and RCPT TO, so only the inbound ones go.
-                    mda = adds_envelope_headers(acc)
+                    # The envelope is known for SMTP and LMTP ingest; replayed and
+                    # IMAP-watched mail has none (its own MDA wrote its Return-Path).
+                    # With one, we are the MDA into a Maildir or over APPEND and write
+                    # Return-Path and Delivered-To; an LMTP server writes them itself
+                    # from our MAIL FROM and RCPT TO, so only the inbound ones go.
                     sender = ob.message_envelope_from
+                    mda = sender is not None and adds_envelope_headers(acc)
                     payload = with_trace_headers(
                         ob.raw,
                         ob.interaction_id,
