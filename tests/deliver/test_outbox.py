@@ -365,11 +365,11 @@ def distinct(n: int, to: str = "sales@example.test") -> bytes:
 
 
 def test_a_batch_of_maildir_deliveries_costs_the_writer_two_operations(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    store_settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """30 deliveries into two Maildirs: one claim and one record (so one commit each),
     however many jobs — and still an attempt row and an `event=outbox` line per job."""
-    settings = make_settings(tmp_path)
+    settings = store_settings
     with pipeline(settings) as rt:
         for n in range(30):
             accept(rt, distinct(n, "sales@example.test" if n % 2 else "support@example.test"))
