@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from mailrouter.config import DeliverySettings, Secret
+from helpers import config_text, flush, pipeline
+from mailrouter.config import DeliverySettings, Secret, load
 from mailrouter.deliver.errors import TemporaryDeliveryError
 from mailrouter.deliver.imap_append import deliver_imap
 from mailrouter.imapclient import encode_mailbox, imap_connect, imap_disconnect
+from mailrouter.pipeline import Pipeline
 from servers import Dovecot, free_port
 
 SALES = "sales@example.test"
@@ -311,3 +313,28 @@ async def test_connection_lost_mid_command_fails_at_once(
     with pytest.raises(TemporaryDeliveryError, match=f"connection lost during {during}"):
         await deliver_imap(s, message("lost@c.test"), message_id="<lost@c.test>")
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.dovecot
+def test_the_outbox_appends_with_the_envelope_an_mda_would_write(
+    tmp_path: Path, dovecot_clean: Dovecot
+) -> None:
+    """APPEND has no MDA behind it: the copy carries our Return-Path and Delivered-To."""
+    secret = tmp_path / "imap-password"
+    secret.write_text(dovecot_clean.password + "\n")
+    text = config_text(tmp_path) + (
+        f'\n[accounts.sales.delivery]\ntype = "imap"\nhost = "{dovecot_clean.host}"\n'
+        f'port = {dovecot_clean.imap_port}\nuser = "{SALES}"\npassword_file = "{secret}"\n'
+    )
+    (tmp_path / "mailrouter.toml").write_text(text, "utf-8")
+    with pipeline(load(tmp_path / "mailrouter.toml", env={})) as rt:
+        raw = b"Return-Path: <forged@elsewhere.test>\r\n" + message("env@customer.test")
+        Pipeline(rt).accept(
+            raw, [rt.settings.account("sales")], source="smtp", envelope_sender="dana@customer.test"
+        )
+        assert flush(rt) == 1
+    [got] = dovecot_clean.fetch_all(SALES)
+    assert got.startswith(
+        b"Return-Path: <dana@customer.test>\r\nDelivered-To: sales@example.test\r\n"
+    )
+    assert b"forged@elsewhere.test" not in got

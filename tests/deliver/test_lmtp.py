@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mailrouter.config import DeliverySettings
+from helpers import config_text, flush, pipeline
+from mailrouter.config import DeliverySettings, load
 from mailrouter.deliver.errors import PermanentDeliveryError, TemporaryDeliveryError
 from mailrouter.deliver.lmtp import LOST_REPLY_CODE, data_payload, deliver_lmtp, lmtp_deliver
+from mailrouter.pipeline import Pipeline
 from servers import Dovecot, free_port
 
 SALES, SUPPORT, BILLING = "sales@example.test", "support@example.test", "billing@example.test"
@@ -316,3 +319,25 @@ async def test_421_after_data_is_a_lost_reply_not_a_refusal(
     code, text = results[SALES]
     assert code == LOST_REPLY_CODE
     assert "may have been delivered" in text and "421 4.3.2 vm Shutting down" in text
+
+
+@pytest.mark.dovecot
+def test_the_outbox_gives_dovecot_the_envelope_sender_for_its_return_path(
+    tmp_path: Path, dovecot_clean: Dovecot
+) -> None:
+    """Over LMTP the server is the MDA: MAIL FROM is the stored envelope sender, so
+    Dovecot's Return-Path names it, and our copy adds no second Return-Path of its own."""
+    text = config_text(tmp_path) + (
+        f'\n[accounts.sales.delivery]\ntype = "lmtp"\nhost = "{dovecot_clean.host}"\n'
+        f'port = {dovecot_clean.lmtp_port}\nuser = "{SALES}"\n'
+    )
+    (tmp_path / "mailrouter.toml").write_text(text, "utf-8")
+    with pipeline(load(tmp_path / "mailrouter.toml", env={})) as rt:
+        sales = [rt.settings.account("sales")]
+        raw = b"Return-Path: <forged@elsewhere.test>\r\n" + message("rp@customer.test")
+        Pipeline(rt).accept(raw, sales, source="smtp", envelope_sender="dana+rp@customer.test")
+        assert flush(rt) == 1
+    [got] = dovecot_clean.fetch_all(SALES)
+    head = got.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.count(b"return-path:") == 1
+    assert b"return-path: <dana+rp@customer.test>" in head

@@ -12,6 +12,7 @@ import json
 import random
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select, update
@@ -347,3 +348,81 @@ def test_the_worker_waits_out_a_store_that_refuses_writes_instead_of_crashing(
         conn.close()
         assert len(maildir_messages(settings, "sales")) == 1
         assert any("outbox-store-unavailable" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def distinct(n: int, to: str = "sales@example.test") -> bytes:
+    return (
+        f"From: Customer {n} <c{n}@customer.test>\r\nTo: {to}\r\nSubject: order {n}\r\n"
+        f"Message-ID: <batch-{n}@customer.test>\r\n\r\nbody {n}\r\n"
+    ).encode()
+
+
+def test_a_batch_of_maildir_deliveries_costs_the_writer_two_operations(
+    store_settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """30 deliveries into two Maildirs: one claim and one record (so one commit each),
+    however many jobs — and still an attempt row and an `event=outbox` line per job."""
+    settings = store_settings
+    with pipeline(settings) as rt:
+        for n in range(30):
+            accept(rt, distinct(n, "sales@example.test" if n % 2 else "support@example.test"))
+        ops: list[object] = []
+        real = rt.writes.submit
+
+        def counting(op: Any) -> Any:
+            ops.append(op)
+            return real(op)
+
+        monkeypatch.setattr(rt.writes, "submit", counting)
+        caplog.set_level("INFO", logger="mailrouter.outbox")
+        assert asyncio.run(OutboxWorker(rt)._round()) == 30
+        assert len(ops) == 2
+        assert {r.status for r in rows(rt)} == {"sent"}
+        with rt.db.read() as s:
+            attempts = s.execute(text("SELECT status, relay FROM outbox_attempts")).all()
+    assert sorted(attempts) == [("sent", "maildir")] * 30
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event=outbox ")]
+    assert len(lines) == 30 and all("status=sent" in line for line in lines)
+    assert len(maildir_messages(settings, "sales")) == len(maildir_messages(settings, "support"))
+    for box in ("sales", "support"):
+        path = settings.account(box).delivery.path
+        assert path is not None and list((path / "tmp").iterdir()) == []
+
+
+def test_a_crash_between_the_links_and_the_commit_does_not_deliver_twice(
+    tmp_path: Path,
+) -> None:
+    """The batch is in the Maildirs, "sent" cannot be committed, the worker dies: its
+    restart takes the claims back and finds every copy by one stat each."""
+    import sqlite3
+
+    settings = make_settings(tmp_path)
+    with pipeline(settings) as rt:
+        for n in range(12):
+            accept(rt, distinct(n))
+        conn = sqlite3.connect(_sqlite(settings))
+        conn.execute(
+            "CREATE TRIGGER no_sent BEFORE UPDATE OF status ON outbox WHEN NEW.status = 'sent'"
+            " BEGIN SELECT RAISE(ABORT, 'injected store failure'); END"
+        )
+        conn.commit()
+        dying = OutboxWorker(rt, name="daemon")
+        assert asyncio.run(dying._round()) == 12  # delivered; recording failed
+        assert len(dying._unrecorded) == 12  # (what a crash loses)
+        conn.execute("DROP TRIGGER no_sent")
+        conn.commit()
+        conn.close()
+        assert len(maildir_messages(settings, "sales")) == 12
+        restarted = OutboxWorker(rt, name="daemon")
+        assert asyncio.run(restarted.run_once()) == 12
+        done = rows(rt)
+        assert {(r.status, r.attempts) for r in done} == {("sent", 2)}
+        with rt.db.read() as s:
+            replies = s.scalars(text("SELECT reply FROM outbox_attempts WHERE attempt = 2")).all()
+    assert len(replies) == 12 and all(r.startswith("stored before") for r in replies)
+    assert len(maildir_messages(settings, "sales")) == 12
+    path = settings.account("sales").delivery.path
+    assert path is not None and list((path / "tmp").iterdir()) == []

@@ -126,7 +126,10 @@ async def test_smtp_250_comes_after_commit_and_mail_reaches_maildir(daemon: Daem
     assert await _wait_for(lambda: len(_maildir_files(s, "sales")) == 1)
     body = _maildir_files(s, "sales")[0].read_bytes()
     assert b"Message-ID: <inv-1@customer.test>" in body
-    assert body.startswith(b"X-Mailrouter-Interaction: 1\n")
+    assert body.startswith(
+        b"Return-Path: <carol@customer.test>\nDelivered-To: sales@example.test\n"
+        b"X-Mailrouter-Interaction: 1\n"
+    )
 
 
 async def test_unknown_recipient_refused_550_never_relayed(daemon: Daemon) -> None:

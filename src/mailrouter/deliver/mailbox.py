@@ -1,5 +1,6 @@
-"""Put a message into an account's mailbox with the backend the account is configured for,
-and send mailrouter's own mail out; adds the trace headers a routed copy carries.
+"""Put a message into an account's mailbox with the backend the account is configured for
+(Maildir in batches), and send mailrouter's own mail out; writes the headers a delivered
+copy carries: our trace headers, and Return-Path and Delivered-To where we are the MDA.
 
 Each delivery returns what the other side said (:class:`Delivered`), so the outbox can
 record every attempt with its reply, and names its relay the way the log does
@@ -9,18 +10,27 @@ record every attempt with its reply, and names its relay the way the log does
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mailrouter.config import AccountSettings, OutboundSettings
-from mailrouter.deliver.errors import PermanentDeliveryError, TemporaryDeliveryError
-from mailrouter.deliver.maildir import maildir_deliver, pickup_write
+from mailrouter.deliver.errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    TemporaryDeliveryError,
+)
+from mailrouter.deliver.maildir import Drop, maildir_deliver_batch, maildir_settle, pickup_write
 
 __all__ = [
     "Delivered",
+    "Drop",
+    "adds_envelope_headers",
     "deliver_to_account",
+    "deliver_to_maildirs",
     "relay_of_account",
     "relay_of_outbound",
     "send_outbound",
+    "settle_maildirs",
     "with_trace_headers",
 ]
 
@@ -59,6 +69,11 @@ def relay_of_outbound(outbound: OutboundSettings) -> str:
 # suppress a notice, and a real one must survive to stop a loop on the next hop.
 _OURS = b"x-mailrouter-"
 _KEEP = frozenset({b"x-mailrouter-loop"})
+# RFC 5321 §4.4: the final delivery adds Return-Path; one already there came from the
+# sender (or an earlier hop) and says nothing true about this delivery's envelope.
+_RETURN_PATH = b"return-path"
+# Characters that could end the field or the address early: never copied into a header.
+_UNSAFE = str.maketrans("", "", "\r\n<>")
 
 
 def _header_end(raw: bytes) -> int:
@@ -71,10 +86,12 @@ def _header_end(raw: bytes) -> int:
     return min(found) if found else len(raw)
 
 
-def _strip_our_headers(raw: bytes) -> bytes:
-    """``raw`` without inbound ``X-Mailrouter-*`` fields (folded lines included), else as is."""
+def _strip_fields(raw: bytes, *, return_path: bool) -> bytes:
+    """``raw`` without inbound ``X-Mailrouter-*`` fields (and ``Return-Path`` ones when
+    asked), folded lines included; else ``raw`` itself."""
     end = _header_end(raw)
-    if _OURS not in raw[:end].lower():
+    head = raw[:end].lower()
+    if _OURS not in head and not (return_path and _RETURN_PATH in head):
         return raw  # the common case: nothing to remove, nothing copied
     out: list[bytes] = []
     dropping = False
@@ -84,20 +101,41 @@ def _strip_our_headers(raw: bytes) -> bytes:
                 out.append(line)
             continue
         name = line.split(b":", 1)[0].strip().lower()
-        dropping = name.startswith(_OURS) and name not in _KEEP
+        dropping = (name.startswith(_OURS) and name not in _KEEP) or (
+            return_path and name == _RETURN_PATH
+        )
         if not dropping:
             out.append(line)
     return b"".join(out) + raw[end:]
 
 
-def with_trace_headers(raw: bytes, interaction_id: int | None, routed_from: str | None) -> bytes:
+def with_trace_headers(
+    raw: bytes,
+    interaction_id: int | None,
+    routed_from: str | None,
+    *,
+    return_path: str | None = None,
+    delivered_to: str | None = None,
+    strip_return_path: bool = False,
+) -> bytes:
     """Prepend ``X-Mailrouter-*`` trace headers, dropping inbound copies of them first.
 
-    Every other byte of the original stays as it was.
+    As a final delivery (an MDA) does, ``return_path`` (the envelope sender; ``""`` is the
+    null sender, written ``<>``) replaces any inbound ``Return-Path`` at the top, and
+    ``delivered_to`` (the mailbox's address) is added above the ``Delivered-To`` fields
+    already there.  ``return_path=None`` means the envelope is unknown (replayed or
+    IMAP-watched mail, whose Return-Path its own MDA wrote): inbound ones then stay.
+    ``strip_return_path`` drops inbound ones without adding ours, for a server that
+    writes its own from our MAIL FROM (LMTP: Dovecot keeps what it is given, above its
+    own).  Every other byte of the original stays as it was.
     """
-    raw = _strip_our_headers(raw)
+    raw = _strip_fields(raw, return_path=return_path is not None or strip_return_path)
     eol = b"\r\n" if b"\r\n" in raw[:2000] else b"\n"
     lines = []
+    if return_path is not None:
+        lines.append(b"Return-Path: <" + return_path.translate(_UNSAFE).encode() + b">" + eol)
+    if delivered_to:
+        lines.append(b"Delivered-To: " + delivered_to.translate(_UNSAFE).encode() + eol)
     if interaction_id is not None:
         lines.append(b"X-Mailrouter-Interaction: " + str(interaction_id).encode() + eol)
     if routed_from:
@@ -105,23 +143,56 @@ def with_trace_headers(raw: bytes, interaction_id: int | None, routed_from: str 
     return b"".join(lines) + raw
 
 
+def adds_envelope_headers(account: AccountSettings) -> bool:
+    """Whether our copy for ``account`` must carry Return-Path and Delivered-To itself.
+
+    Into a Maildir or over IMAP APPEND we are the final delivery; an LMTP server (Dovecot)
+    writes them itself from our MAIL FROM and RCPT TO, so adding ours would double them.
+    """
+    return account.delivery.type in ("maildir", "imap")
+
+
+async def deliver_to_maildirs(drops: Sequence[Drop]) -> list[Delivered | DeliveryError]:
+    """Deliver a batch of Maildir drops (see :mod:`mailrouter.deliver.maildir`): one
+    outcome per drop, in order.  Call :func:`settle_maildirs` once they are recorded."""
+    outcomes = await asyncio.to_thread(maildir_deliver_batch, drops)
+    out: list[Delivered | DeliveryError] = []
+    for drop, outcome in zip(drops, outcomes, strict=True):
+        if isinstance(outcome, OSError):
+            # A full disk or a permission problem is an operator's fix away: retry.
+            out.append(TemporaryDeliveryError(f"maildir {drop.path}: {outcome}"))
+        elif outcome.earlier:
+            out.append(
+                Delivered("maildir", f"stored before (an earlier attempt linked {outcome.file})")
+            )
+        else:
+            out.append(Delivered("maildir", f"stored as {outcome.file}"))
+    return out
+
+
+async def settle_maildirs(drops: Sequence[Drop]) -> None:
+    """The drops' outcomes are committed: drop the evidence a retry would have needed."""
+    if drops:
+        await asyncio.to_thread(maildir_settle, drops)
+
+
 async def deliver_to_account(
-    account: AccountSettings, raw: bytes, *, message_id: str, key: str, retry: bool = True
+    account: AccountSettings, raw: bytes, *, message_id: str, key: str, mail_from: str = ""
 ) -> Delivered:
     """Deliver into ``account``'s mailbox; raises a DeliveryError on failure.
 
-    ``retry``: an earlier attempt of this job may have delivered it (see maildir_deliver).
+    ``mail_from`` is the envelope sender an LMTP server is told (its Return-Path).  A
+    Maildir delivery here is a batch of one: its caller settles it (:func:`settle_maildirs`)
+    once the outcome is recorded.
     """
     d = account.delivery
     relay = relay_of_account(account)
     if d.type == "maildir":
         assert d.path is not None
-        try:
-            final = await asyncio.to_thread(maildir_deliver, d.path, raw, key, retry=retry)
-        except OSError as exc:
-            # A full disk or a permission problem is an operator's fix away: retry.
-            raise TemporaryDeliveryError(f"maildir {d.path}: {exc}") from exc
-        return Delivered(relay, f"stored as {final}")
+        [outcome] = await deliver_to_maildirs([Drop(d.path, raw, key)])
+        if isinstance(outcome, DeliveryError):
+            raise outcome
+        return outcome
     if d.type == "imap":
         from mailrouter.deliver.imap_append import deliver_imap
 
@@ -129,7 +200,10 @@ async def deliver_to_account(
     if d.type == "lmtp":
         from mailrouter.deliver.lmtp import deliver_lmtp
 
-        return Delivered(relay, await deliver_lmtp(d, raw, recipient=d.user or account.address))
+        return Delivered(
+            relay,
+            await deliver_lmtp(d, raw, recipient=d.user or account.address, mail_from=mail_from),
+        )
     raise PermanentDeliveryError(f"unknown delivery type {d.type!r}")
 
 

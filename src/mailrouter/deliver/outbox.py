@@ -2,9 +2,11 @@
 the worker delivers routed mail and sends notices and replies, with retries.
 
 Rows are written in the same transaction as the change that causes them (pipeline,
-transfer, reply).  The worker claims due rows with a lease (so a crashed worker's rows
-become claimable again), delivers outside any transaction, then records the outcome.
-Every backend is idempotent on the row's key (Maildir name, pickup name, IMAP search by
+transfer, reply).  The worker claims a batch of due rows in one statement, with a lease
+fenced on its instance (so a crashed worker's rows become claimable again), delivers
+outside any transaction, then records the outcomes.  Maildir deliveries go as a batch
+whose outcomes are recorded in one commit; the other backends go job by job.  Every
+backend is idempotent on the row's key (Maildir tmp name, pickup name, IMAP search by
 Message-ID), so a crash between "delivered" and "marked sent" does not deliver twice.
 Temporary failures back off exponentially with jitter until the row's deadline; permanent
 ones (5xx) are marked failed and stay visible in ``mailrouter queue``.  Every attempt is
@@ -32,10 +34,14 @@ from mailrouter.config import Settings
 from mailrouter.deliver.errors import DeliveryError
 from mailrouter.deliver.mailbox import (
     Delivered,
+    Drop,
+    adds_envelope_headers,
     deliver_to_account,
+    deliver_to_maildirs,
     relay_of_account,
     relay_of_outbound,
     send_outbound,
+    settle_maildirs,
     with_trace_headers,
 )
 from mailrouter.log import event
@@ -46,6 +52,8 @@ from mailrouter.runtime import Runtime
 from mailrouter.store.inserts import add_message, insert_outbox
 from mailrouter.store.instances import claim_is_dead, heartbeat, register, retire
 from mailrouter.store.models import (
+    MESSAGES,
+    OUTBOX,
     OUTBOX_ATTEMPTS,
     AttemptStatus,
     Direction,
@@ -71,6 +79,9 @@ log = logging.getLogger("mailrouter.outbox")
 
 # Deliveries attempted at once: enough to overlap I/O, few enough to be kind to a smarthost.
 CONCURRENCY = 8
+# After a round that found less than a full batch, wait this long before claiming again:
+# deliveries a little later (a tenth of a second) in exchange for batches, not single jobs.
+LINGER = 0.1
 # The store refusing writes (disk full, locked): the worker pauses, doubling from this up
 # to the cap, and starts again from the bottom once a round went through.
 STORE_RETRY_INITIAL = 0.5
@@ -119,6 +130,11 @@ class Outcome:
     attempt: AttemptStatus  # sent, deferred, bounced
     dsn: str
     reply: str
+
+
+# One attempt ready to record: the job, how it failed (None: delivered), what the other
+# side said, and when the attempt started.
+Attempt = tuple[Job, DeliveryError | None, Delivered | None, datetime | None]
 
 
 def enqueue(
@@ -259,55 +275,94 @@ class OutboxWorker:
         me = self.register_in(s)
         now = utcnow()
         lease = now + timedelta(seconds=self.settings.outbox.lease)
+        o, m = OUTBOX.c, MESSAGES.c
         due = or_(
-            (Outbox.status == OutboxStatus.PENDING.value) & (Outbox.next_attempt_at <= now),
+            (o.status == OutboxStatus.PENDING.value) & (o.next_attempt_at <= now),
             # A worker that died mid-delivery left its rows "sending": take them back once
             # its instance is retired or silent (seconds), or its lease ran out.
-            (Outbox.status == OutboxStatus.SENDING.value)
+            (o.status == OutboxStatus.SENDING.value)
             & claim_is_dead(now, self.settings.outbox.dead_after),
         )
-        jobs: list[Job] = []
+        # Core statements, not ORM objects: the claim runs on the writer thread, which
+        # ingest shares, once per batch; the unit of work's bookkeeping cost more than
+        # the SQL itself.
+        conn = s.connection()
         # SKIP LOCKED lets several instances share the PostgreSQL outbox; SQLAlchemy
         # drops it on SQLite, where BEGIN IMMEDIATE already serialises claimers.
         ids = list(
-            s.scalars(
-                select(Outbox.id)
+            conn.execute(
+                select(o.id)
                 .where(due)
-                .order_by(Outbox.next_attempt_at, Outbox.id)
+                .order_by(o.next_attempt_at, o.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
-            )
+            ).scalars()
         )
         if not ids:
             return []
-        s.execute(
-            update(Outbox)
-            .where(Outbox.id.in_(ids), due)
+        conn.execute(
+            update(OUTBOX)
+            .where(o.id.in_(ids), due)
             .values(
                 status=OutboxStatus.SENDING.value,
                 claimed_until=lease,
                 claimed_by=me,
-                attempts=Outbox.attempts + 1,
+                attempts=o.attempts + 1,
             )
         )
-        rows = s.execute(
-            select(Outbox, Message)
-            .outerjoin(Message, Message.id == Outbox.message_pk)
-            .where(Outbox.id.in_(ids), Outbox.claimed_by == me, Outbox.claimed_until == lease)
-            .order_by(Outbox.id)
+        rows = conn.execute(
+            select(
+                o.id,
+                o.kind,
+                o.account_id,
+                o.interaction_id,
+                o.payload,
+                o.envelope_from,
+                o.envelope_to,
+                o.attempts,
+                o.deadline,
+                o.created_at,
+                m.message_id,
+                m.content_hash,
+                m.raw,
+                m.envelope_from.label("message_envelope_from"),
+                m.account_id.label("message_account_id"),
+                m.routed_to_account_id,
+            )
+            .select_from(OUTBOX.outerjoin(MESSAGES, m.id == o.message_pk))
+            .where(o.id.in_(ids), o.claimed_by == me, o.claimed_until == lease)
+            .order_by(o.id)
         ).all()
-        for ob, msg in rows:
+        jobs: list[Job] = []
+        for ob in rows:
+            has_message = ob.raw is not None
             payload = ob.payload
-            message_id = msg.message_id if msg is not None else ""
             account = self.rt.accounts.name(ob.account_id)
             relay = relay_of_outbound(self.settings.outbound)
+            envelope_from = ob.envelope_from
             if ob.kind == OutboxKind.DELIVER.value:
-                relay = relay_of_account(self.settings.account(account))
-                if msg is not None:
+                acc = self.settings.account(account)
+                relay = relay_of_account(acc)
+                if has_message:
                     routed_from = None
-                    if msg.routed_to_account_id is not None:
-                        routed_from = self.rt.account_of(msg.account_id).address
-                    payload = with_trace_headers(msg.raw, ob.interaction_id, routed_from)
+                    if ob.routed_to_account_id is not None:
+                        routed_from = self.rt.account_of(ob.message_account_id).address
+                    # The envelope is known for SMTP and LMTP ingest; replayed and
+                    # IMAP-watched mail has none (its own MDA wrote its Return-Path).
+                    # With one, we are the MDA into a Maildir or over APPEND and write
+                    # Return-Path and Delivered-To; an LMTP server writes them itself
+                    # from our MAIL FROM and RCPT TO, so only the inbound ones go.
+                    sender = ob.message_envelope_from
+                    mda = sender is not None and adds_envelope_headers(acc)
+                    payload = with_trace_headers(
+                        ob.raw,
+                        ob.interaction_id,
+                        routed_from,
+                        return_path=sender if mda else None,
+                        delivered_to=acc.address if mda else None,
+                        strip_return_path=sender is not None and not mda,
+                    )
+                    envelope_from = sender or ""
             jobs.append(
                 Job(
                     id=ob.id,
@@ -315,12 +370,12 @@ class OutboxWorker:
                     account=account,
                     interaction_id=ob.interaction_id,
                     payload=payload,
-                    message_id=message_id,
-                    envelope_from=ob.envelope_from,
+                    message_id=ob.message_id if has_message else "",
+                    envelope_from=envelope_from,
                     envelope_to=[a for a in ob.envelope_to.split(",") if a],
                     attempts=ob.attempts,
                     deadline=ob.deadline,
-                    key=f"{ob.id}x{(msg.content_hash[:12] if msg is not None else 'out')}",
+                    key=f"{ob.id}x{(ob.content_hash[:12] if has_message else 'out')}",
                     created_at=ob.created_at,
                     relay=relay,
                 )
@@ -345,58 +400,96 @@ class OutboxWorker:
         delivered: Delivered | None = None,
         started: datetime | None = None,
     ) -> Outcome:
-        """Record the attempt and the job's new state, in one transaction."""
+        """Record the attempt and the job's new state, in the caller's transaction."""
+        [outcome] = self._finish_many_in(s, [(job, error, delivered, started)])
+        return outcome
+
+    def _finish_many_in(self, s: Session, attempts: Sequence[Attempt]) -> list[Outcome]:
+        """Record attempts and their jobs' new states, in the caller's transaction.
+
+        Each job's update is fenced on our claim: if we were taken for dead and the row
+        was claimed again, the newer claim's outcome is the one that counts (the attempt
+        is still recorded, and its outcome says ``claim-lost``).  The successes of a
+        batch share one UPDATE, and all attempt rows one INSERT.
+        """
         now = utcnow()
-        values: dict[str, object]
-        if error is None:
-            values = {"status": OutboxStatus.SENT.value, "sent_at": now, "last_error": None}
-            attempt, reply = AttemptStatus.SENT, delivered.reply if delivered else "delivered"
-        elif error.permanent or now >= job.deadline:
-            why = (
-                str(error) if error.permanent else f"gave up after {job.attempts} attempts: {error}"
+        conn = s.connection()
+        o = OUTBOX.c
+        fence = (o.claimed_by == self.instance_id) & (o.status == OutboxStatus.SENDING.value)
+        planned: list[tuple[Job, dict[str, object], AttemptStatus, str]] = []
+        for job, error, delivered, _ in attempts:
+            values: dict[str, object]
+            if error is None:
+                values = {"status": OutboxStatus.SENT.value, "sent_at": now, "last_error": None}
+                attempt, reply = AttemptStatus.SENT, delivered.reply if delivered else "delivered"
+            elif error.permanent or now >= job.deadline:
+                why = (
+                    str(error)
+                    if error.permanent
+                    else f"gave up after {job.attempts} attempts: {error}"
+                )
+                values = {"status": OutboxStatus.FAILED.value, "last_error": why}
+                attempt, reply = AttemptStatus.BOUNCED, why
+            else:
+                delay = backoff(
+                    job.attempts,
+                    self.settings.outbox.initial_backoff,
+                    self.settings.outbox.max_backoff,
+                )
+                values = {
+                    "status": OutboxStatus.PENDING.value,
+                    "last_error": str(error),
+                    "next_attempt_at": min(now + timedelta(seconds=delay), job.deadline),
+                }
+                attempt, reply = AttemptStatus.DEFERRED, str(error)
+            values["claimed_until"] = None
+            values["claimed_by"] = None
+            planned.append((job, values, attempt, reply))
+        ours: set[int] = set()
+        sent = [job.id for job, _, attempt, _ in planned if attempt == AttemptStatus.SENT]
+        if sent:
+            ours.update(
+                conn.execute(
+                    update(OUTBOX)
+                    .where(o.id.in_(sent), fence)
+                    .values(
+                        status=OutboxStatus.SENT.value,
+                        sent_at=now,
+                        last_error=None,
+                        claimed_until=None,
+                        claimed_by=None,
+                    )
+                    .returning(o.id)
+                ).scalars()
             )
-            values = {"status": OutboxStatus.FAILED.value, "last_error": why}
-            attempt, reply = AttemptStatus.BOUNCED, why
-        else:
-            delay = backoff(
-                job.attempts, self.settings.outbox.initial_backoff, self.settings.outbox.max_backoff
+        for job, values, attempt, _ in planned:
+            if attempt != AttemptStatus.SENT:
+                res = conn.execute(update(OUTBOX).where(o.id == job.id, fence).values(**values))
+                if res.rowcount:
+                    ours.add(job.id)
+        outcomes: list[Outcome] = []
+        rows: list[dict[str, object]] = []
+        for (job, values, attempt, reply), (_, _, _, started) in zip(
+            planned, attempts, strict=True
+        ):
+            dsn = dsn_of(reply, attempt)
+            rows.append(
+                {
+                    "outbox_id": job.id,
+                    "attempt": job.attempts,
+                    "started_at": started or now,
+                    "finished_at": now,
+                    "status": attempt.value,
+                    "relay": job.relay,
+                    "dsn": dsn,
+                    "reply": reply,
+                }
             )
-            values = {
-                "status": OutboxStatus.PENDING.value,
-                "last_error": str(error),
-                "next_attempt_at": min(now + timedelta(seconds=delay), job.deadline),
-            }
-            attempt, reply = AttemptStatus.DEFERRED, str(error)
-        values["claimed_until"] = None
-        values["claimed_by"] = None
-        # Fenced on our claim: if we were taken for dead and the row was claimed again,
-        # the newer claim's outcome is the one that counts (the attempt is still recorded).
-        res = s.execute(
-            update(Outbox)
-            .where(
-                Outbox.id == job.id,
-                Outbox.claimed_by == self.instance_id,
-                Outbox.status == OutboxStatus.SENDING.value,
-            )
-            .values(**values)
-        )
-        dsn = dsn_of(reply, attempt)
-        s.connection().execute(
-            _INSERT_ATTEMPT,
-            {
-                "outbox_id": job.id,
-                "attempt": job.attempts,
-                "started_at": started or now,
-                "finished_at": now,
-                "status": attempt.value,
-                "relay": job.relay,
-                "dsn": dsn,
-                "reply": reply,
-            },
-        )
-        if not getattr(res, "rowcount", 0):
-            return Outcome("claim-lost", attempt, dsn, reply)
-        return Outcome(str(values["status"]), attempt, dsn, reply)
+            status = str(values["status"]) if job.id in ours else "claim-lost"
+            outcomes.append(Outcome(status, attempt, dsn, reply))
+        if rows:
+            conn.execute(_INSERT_ATTEMPT, rows)
+        return outcomes
 
     def _release_in(self, s: Session, jobs: list[Job]) -> None:
         """Give back claimed jobs that were never attempted (stopping)."""
@@ -417,16 +510,24 @@ class OutboxWorker:
 
     # ------------------------------------------------------------------ delivery (async)
 
+    def _drop_of(self, job: Job) -> Drop | None:
+        """The Maildir drop of a delivery into a Maildir account (batched), else None."""
+        if job.kind != OutboxKind.DELIVER.value:
+            return None
+        d = self.settings.account(job.account).delivery
+        if d.type != "maildir" or d.path is None:
+            return None
+        return Drop(d.path, job.payload, job.key)
+
     async def _attempt(self, job: Job) -> Delivered:
         if job.kind == OutboxKind.DELIVER.value:
             acc = self.settings.account(job.account)
-            # The first claim of a row cannot have delivered before: no search for a copy.
             return await deliver_to_account(
                 acc,
                 job.payload,
                 message_id=job.message_id,
                 key=job.key,
-                retry=job.attempts > 1,
+                mail_from=job.envelope_from,
             )
         return await send_outbound(
             self.settings.outbound,
@@ -446,20 +547,72 @@ class OutboxWorker:
         except DeliveryError as exc:
             error = exc
         except Exception as exc:  # noqa: BLE001 - event() logs it with exc_info
-            event(log, "outbox-crashed", logging.ERROR, exc_info=True, job=job.id, kind=job.kind)
-            error = DeliveryError(f"internal error: {type(exc).__name__}: {exc}")
+            error = _crashed(job, exc)
         try:
             outcome: Outcome = await self.rt.writes.submit(
                 lambda s: self._finish_in(s, job, error, delivered, started)
             )
         except Exception as exc:  # noqa: BLE001 - the store's trouble, logged and kept
-            # The attempt is over (maybe delivered) but the store cannot say so now.  Left
-            # "sending", the row would wait for its lease and then go out again; kept, it
-            # is recorded as soon as the store takes writes again (next round).
-            self._unrecorded.append((job, error))
-            why = _short(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
-            event(log, "outbox-unrecorded", logging.ERROR, job=job.id, kind=job.kind, error=why)
+            self._keep_unrecorded([(job, error)], exc)
             return "unrecorded"
+        drop = self._drop_of(job)
+        if drop is not None and _settled(outcome):
+            await settle_maildirs([drop])
+        self._report(job, error, outcome)
+        return outcome.status
+
+    async def process_maildirs(self, jobs: Sequence[Job]) -> list[str]:
+        """Attempt Maildir deliveries as one batch and record them in one commit.
+
+        Every file is written and fsynced, each mailbox's directory is fsynced once for
+        the whole batch, and all outcomes (job states and attempt rows) go to the store
+        as one writer operation: delivery costs the writer one commit per batch, so it
+        keeps pace with ingest instead of queueing behind it once per message.
+        """
+        drops = [drop for job in jobs if (drop := self._drop_of(job)) is not None]
+        assert len(drops) == len(jobs), "only Maildir deliveries are batched"
+        started = utcnow()
+        try:
+            results = await deliver_to_maildirs(drops)
+        except Exception as exc:  # noqa: BLE001 - event() logs it with exc_info
+            results = [_crashed(job, exc) for job in jobs]
+        done = [
+            (
+                job,
+                r if isinstance(r, DeliveryError) else None,
+                r if isinstance(r, Delivered) else None,
+            )
+            for job, r in zip(jobs, results, strict=True)
+        ]
+
+        def record(s: Session) -> list[Outcome]:
+            return self._finish_many_in(s, [(job, err, dlv, started) for job, err, dlv in done])
+
+        try:
+            outcomes = await self.rt.writes.submit(record)
+        except Exception as exc:  # noqa: BLE001 - the store's trouble, logged and kept
+            self._keep_unrecorded([(job, err) for job, err, _ in done], exc)
+            return ["unrecorded"] * len(jobs)
+        await settle_maildirs(
+            [drop for drop, outcome in zip(drops, outcomes, strict=True) if _settled(outcome)]
+        )
+        for (job, err, _), outcome in zip(done, outcomes, strict=True):
+            self._report(job, err, outcome)
+        return [o.status for o in outcomes]
+
+    def _keep_unrecorded(
+        self, attempts: list[tuple[Job, DeliveryError | None]], exc: Exception
+    ) -> None:
+        # The attempts are over (maybe delivered) but the store cannot say so now.  Left
+        # "sending", the rows would wait for their leases and then go out again; kept,
+        # they are recorded as soon as the store takes writes again (next round).
+        self._unrecorded.extend(attempts)
+        why = _short(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
+        for job, _ in attempts:
+            event(log, "outbox-unrecorded", logging.ERROR, job=job.id, kind=job.kind, error=why)
+
+    def _report(self, job: Job, error: DeliveryError | None, outcome: Outcome) -> None:
+        """Metrics and the one ``event=outbox`` line of a recorded attempt."""
         delay = (utcnow() - job.created_at).total_seconds()
         sent = outcome.attempt == AttemptStatus.SENT
         metrics = self.rt.metrics
@@ -485,7 +638,6 @@ class OutboxWorker:
             reply=outcome.reply if sent else None,
             error=str(error) if error else None,
         )
-        return outcome.status
 
     async def _record_unrecorded(self) -> None:
         """Record the outcomes the store could not take before (raises while it still
@@ -494,28 +646,40 @@ class OutboxWorker:
             return
         pending = list(self._unrecorded)
 
-        def record(s: Session) -> list[str]:
-            return [self._finish_in(s, job, error).status for job, error in pending]
+        def record(s: Session) -> list[Outcome]:
+            return self._finish_many_in(s, [(job, error, None, None) for job, error in pending])
 
-        statuses = await self.rt.writes.submit(record)
+        outcomes = await self.rt.writes.submit(record)
         del self._unrecorded[: len(pending)]
-        for (job, _), status in zip(pending, statuses, strict=True):
-            event(log, "outbox-recorded", job=job.id, kind=job.kind, status=status)
+        await settle_maildirs(
+            [
+                drop
+                for (job, _), outcome in zip(pending, outcomes, strict=True)
+                if _settled(outcome) and (drop := self._drop_of(job)) is not None
+            ]
+        )
+        for (job, _), outcome in zip(pending, outcomes, strict=True):
+            event(log, "outbox-recorded", job=job.id, kind=job.kind, status=outcome.status)
 
     async def _round(self, stop: asyncio.Event | None = None) -> int:
-        """Claim one batch and attempt it, a few deliveries at a time; returns the count."""
+        """Claim one batch and attempt it; returns the count attempted.
+
+        Maildir deliveries go as one batch (:meth:`process_maildirs`).  The rest —
+        LMTP, IMAP APPEND, the smarthost, pickup — are per job: mailboxes (and the
+        smarthost queue per sending account) are worked on in parallel, a few at a time,
+        each one's jobs in order, so a reply never overtakes its predecessor in the
+        agent's mailbox.  Their bookkeeping still shares commits (store/writer.py).
+        """
         await self._record_unrecorded()
         jobs = await self.rt.writes.submit(lambda s: self._claim_in(s, self.settings.outbox.batch))
         if not jobs:
             return 0
-        # Mailboxes (and the smarthost queue per sending account) are worked on in
-        # parallel, each one's jobs in order: a reply must not overtake its predecessor
-        # in the agent's mailbox.  Concurrent attempts also let their bookkeeping share
-        # commits (store/writer.py); each job is still marked done right after its attempt.
+        batched = [job for job in jobs if self._drop_of(job) is not None]
         lanes: dict[tuple[str, str], list[Job]] = {}
         for job in jobs:
-            direction = "in" if job.kind == OutboxKind.DELIVER.value else "out"
-            lanes.setdefault((direction, job.account), []).append(job)
+            if self._drop_of(job) is None:
+                direction = "in" if job.kind == OutboxKind.DELIVER.value else "out"
+                lanes.setdefault((direction, job.account), []).append(job)
         gate = asyncio.Semaphore(CONCURRENCY)
         skipped: list[Job] = []
 
@@ -527,7 +691,13 @@ class OutboxWorker:
                     else:
                         await self.process(job)
 
-        await asyncio.gather(*(lane(q) for q in lanes.values()))
+        async def maildirs() -> None:
+            if stop is not None and stop.is_set():
+                skipped.extend(batched)
+            elif batched:
+                await self.process_maildirs(batched)
+
+        await asyncio.gather(maildirs(), *(lane(q) for q in lanes.values()))
         if skipped:
             await self.rt.writes.submit(lambda s: self._release_in(s, skipped))
         return len(jobs) - len(skipped)
@@ -603,11 +773,33 @@ class OutboxWorker:
                 await wait_unless_stopped(stop, pause)
                 continue
             failures = 0
+            if done >= self.settings.outbox.batch:
+                continue  # a backlog: the next batch at once
             if done:
+                # A partial batch: mail trickles in (or ingest is busy).  Lingering a
+                # moment lets the next round take many jobs at once, so its fixed cost
+                # (two writer operations, two fsyncs per mailbox) is paid per batch,
+                # not per message, while ingest needs the writer and the CPU most.
+                await wait_unless_stopped(stop, LINGER)
                 continue
             await wait_first(
                 self._wake.wait(), stop.wait(), seconds=self.settings.outbox.poll_interval
             )
+
+
+def _crashed(job: Job, exc: Exception) -> DeliveryError:
+    """A bug met while attempting ``job``: logged with its traceback, retried as temporary."""
+    event(log, "outbox-crashed", logging.ERROR, exc_info=exc, job=job.id, kind=job.kind)
+    return DeliveryError(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _settled(outcome: Outcome) -> bool:
+    """Whether a recorded outcome is final for the row: a retry will not need evidence.
+
+    Deferred rows are retried; a lost claim belongs to the newer claimer, whose own
+    attempt may be about to look for the evidence.
+    """
+    return outcome.status in (OutboxStatus.SENT.value, OutboxStatus.FAILED.value)
 
 
 def _short(exc: SQLAlchemyError) -> str:
