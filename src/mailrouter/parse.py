@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.header import Header, decode_header, make_header
@@ -33,6 +33,8 @@ __all__ = [
     "content_hash",
     "decode_text",
     "format_id",
+    "header_section",
+    "lf_slices",
     "parse",
     "parse_ids",
     "strip_reply_prefixes",
@@ -264,16 +266,27 @@ def content_hash(raw: bytes) -> str:
         start = nl + 1
     h.update(b"\n")
     if sep is not None:
-        pos = sep.end()
-        while pos < size:
-            end = min(pos + _HASH_SLICE, size)
-            if end < size and raw[end - 1] == 0x0D:
-                end -= 1  # its LF may open the next slice: keep the pair together
-            piece = raw[pos:end]
-            h.update(piece.replace(b"\r\n", b"\n"))
-            pos = end
+        for piece in lf_slices(raw, sep.end()):
+            h.update(piece)
     view.release()
     return h.hexdigest()
+
+
+def lf_slices(raw: bytes, start: int = 0, size: int | None = None) -> Iterator[bytes]:
+    """``raw[start:]`` with every CRLF as LF, in slices of about ``size`` bytes.
+
+    The same bytes as ``raw[start:].replace(b"\\r\\n", b"\\n")`` without that copy of the
+    whole message: a slice never ends between the CR and the LF of a pair.
+    """
+    step = max(2, size or _HASH_SLICE)
+    total = len(raw)
+    pos = start
+    while pos < total:
+        end = min(pos + step, total)
+        if end < total and raw[end - 1] == 0x0D:
+            end -= 1  # its LF may open the next slice: keep the pair together
+        yield raw[pos:end].replace(b"\r\n", b"\n")
+        pos = end
 
 
 # The header our own outbound mail carries (notify/compose.py).  Seen on inbound mail, it

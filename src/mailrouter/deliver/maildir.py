@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
+
+from mailrouter.parse import lf_slices
 
 __all__ = ["ensure_maildir", "maildir_deliver", "pickup_write"]
 
@@ -31,11 +34,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(tmp: Path, final: Path, data: bytes) -> None:
+def _write_atomic(tmp: Path, final: Path, data: Iterable[bytes]) -> None:
     # 0600 whatever the umask: these files are customer mail.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with open(fd, "wb") as f:
-        f.write(data)
+        for piece in data:
+            f.write(piece)
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, final)
@@ -60,9 +64,10 @@ def maildir_deliver(path: Path, raw: bytes, key: str, *, retry: bool = True) -> 
     now = time.time()
     # Zero-padded microseconds: names then sort in delivery order within a second.
     name = f"{int(now)}.M{int(now * 1e6) % 1_000_000:06d}P{os.getpid()}{marker}{_HOST}"
-    data = raw.replace(b"\r\n", b"\n")  # Maildir files use the local line ending
     final = path / "new" / name
-    _write_atomic(path / "tmp" / name, final, data)
+    # Maildir files use the local line ending.  Converted a slice at a time: a replace() of
+    # the whole message was one more copy of it at the delivery's peak.
+    _write_atomic(path / "tmp" / name, final, lf_slices(raw))
     return final
 
 
@@ -74,5 +79,5 @@ def pickup_write(path: Path, raw: bytes, key: str) -> Path:
         return final
     tmp = path / f".{key}.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)
-    _write_atomic(tmp, final, raw)
+    _write_atomic(tmp, final, (raw,))
     return final
