@@ -3,7 +3,7 @@ interactions, outbox rows.  Core statements built once, no business rules.
 
 Core, not ORM objects: these run once or more per message on the ingest path, where the
 unit of work's bookkeeping cost several times the SQL itself.  A big message's bytes are
-written into SQLite through an incremental blob, in slices (see :func:`add_message`).
+written into SQLite through an incremental blob, in slices (:data:`BLOB_WRITE_THRESHOLD`).
 """
 
 from __future__ import annotations
@@ -47,11 +47,14 @@ _INSERT_OUTBOX = insert(OUTBOX)
 _INSERT_INTERACTION = insert(INTERACTIONS)
 
 
-# From this size on, SQLite gets a message's bytes through an incremental blob.  A bound
-# blob is copied by the driver (SQLITE_TRANSIENT) and again into the row's record: two
-# more copies of a 25 MB message at the insert, on top of the one being stored.  The
-# zero-filled record costs one; the slices are written through the page cache.  Small
-# messages keep the plain bind: one statement, the hot path.  PostgreSQL binds as ever.
+# From this size on, SQLite gets a message's bytes through an incremental blob: the insert
+# binds only its length (``zeroblob(n)``) and the bytes follow in slices.  A bound blob is
+# copied by the driver (SQLITE_TRANSIENT), and the cached prepared statement keeps that
+# copy until it next runs: a 25 MB message stayed resident once more after its 250 and sat
+# under the delivery's peak (docs/benchmarks.md).  The insert's own peak is the same either
+# way (~2x: ``raw`` is not the row's last column, so SQLite expands the zeroblob into the
+# record).  Small messages keep the plain bind: one statement on the hot path.  PostgreSQL
+# binds as ever.
 BLOB_WRITE_THRESHOLD = 1024 * 1024
 _BLOB_SLICE = 1024 * 1024
 
