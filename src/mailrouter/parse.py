@@ -211,9 +211,9 @@ _TRACE_NAME_RE = re.compile(
     + rb")[ \t\n\r\x0b\x0c]*",
     re.IGNORECASE,
 )
-# The slice of a body hashed at a time: CRLF → LF is converted one slice at a time, so a
-# 25 MB message costs one slice of extra memory, not two copies of itself.
-_HASH_SLICE = 1024 * 1024
+# How much of a message is converted (CRLF → LF) at a time, for its hash and its Maildir
+# copy: a 25 MB message then costs a few such slices of extra memory, not two copies.
+_HASH_SLICE = 256 * 1024
 
 
 def header_section(raw: bytes) -> bytes:
@@ -253,9 +253,8 @@ def content_hash(raw: bytes) -> str:
             if end > start and end < size and raw[end] == 0x0A and raw[end - 1] == 0x0D
             else end
         )
-        if raw[start : start + 1] in (b" ", b"\t"):
-            pass  # a continuation line: kept or dropped with its field
-        else:
+        # A continuation line (leading space or tab) is kept or dropped with its field.
+        if raw[start : start + 1] not in (b" ", b"\t"):
             colon = raw.find(b":", start, stop)
             keep = _TRACE_NAME_RE.fullmatch(raw, start, colon if colon >= 0 else stop) is None
         if keep:
