@@ -10,7 +10,8 @@ daemon's own event loop (no threaded ``Controller``).
 Around aiosmtpd's session the listener adds what an MTA facing the network needs: caps on
 sessions in total and per client address, an idle timeout, a recipients-per-message limit,
 a limit on refusals per session, and a drain that stops every new transaction at once
-while one already in DATA completes.
+while one already in DATA completes.  DATA is read into one buffer, and freed buffers go
+back to the operating system (:func:`return_big_buffers`).
 """
 
 from __future__ import annotations
@@ -512,7 +513,7 @@ def return_big_buffers() -> bool:
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False  # not a C library with mallopt (musl has one that does nothing)
+        return False  # a C library without mallopt (musl's exists and answers 0)
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
