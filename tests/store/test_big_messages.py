@@ -15,6 +15,7 @@ from helpers import accept, flush, maildir_messages, make_settings, pipeline
 from mailrouter.config import Settings
 from mailrouter.deliver.maildir import maildir_deliver
 from mailrouter.parse import lf_slices
+from mailrouter.pipeline import Pipeline
 from mailrouter.store.inserts import BLOB_WRITE_THRESHOLD
 from mailrouter.store.models import Message
 
@@ -94,3 +95,15 @@ def test_maildir_copy_converts_line_endings_across_slice_edges(tmp_path: Path) -
         assert b"".join(lf_slices(raw, 5, size)) == raw[5:].replace(b"\r\n", b"\n")
     out = maildir_deliver(tmp_path / "box", raw, "9xabc", retry=False)
     assert out.read_bytes() == raw.replace(b"\r\n", b"\n")
+
+
+def test_a_big_held_message_released_keeps_its_key_and_bytes(store_settings: Settings) -> None:
+    """Held (no header fields), then released: held again as the same row, byte for byte."""
+    raw = b"not a header line\r\n" + big_message(2 * MIB, "held")
+    with pipeline(store_settings) as rt:
+        held = accept(rt, raw, "sales", source="smtp")
+        assert held.decision.action == "hold" and held.message_pk is not None
+        again = Pipeline(rt).release(held.message_pk)
+        assert (again.decision.action, again.message_pk) == ("hold", held.message_pk)
+        with rt.db.read() as s:
+            assert s.execute(select(Message.raw)).scalars().all() == [raw]

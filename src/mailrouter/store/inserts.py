@@ -59,10 +59,16 @@ BLOB_WRITE_THRESHOLD = 1024 * 1024
 _BLOB_SLICE = 1024 * 1024
 
 
-def _write_blob(conn: Connection, pk: int, raw: bytes) -> None:
-    """Fill the zeroed ``raw`` of message ``pk`` with ``raw``, one slice at a time."""
+def _blob_writer(conn: Connection, size: int) -> sqlite3.Connection | None:
+    """The sqlite3 connection to write a ``size``-byte message through, or None (bind it)."""
+    if size < BLOB_WRITE_THRESHOLD or conn.dialect.name != "sqlite":
+        return None
     dbapi = conn.connection.driver_connection
-    assert isinstance(dbapi, sqlite3.Connection)
+    return dbapi if isinstance(dbapi, sqlite3.Connection) else None
+
+
+def _write_blob(dbapi: sqlite3.Connection, pk: int, raw: bytes) -> None:
+    """Fill the zeroed ``raw`` of message ``pk`` with ``raw``, one slice at a time."""
     view = memoryview(raw)
     try:
         with dbapi.blobopen(MESSAGES.name, "raw", pk) as blob:
@@ -103,11 +109,11 @@ def add_message(
     """
     conn = session.connection()
     given = {} if pk is None else {"id": pk}
-    by_blob = conn.dialect.name == "sqlite" and len(msg.raw) >= BLOB_WRITE_THRESHOLD
-    content: dict[str, Any] = {"raw_size": len(msg.raw)} if by_blob else {"raw": msg.raw}
+    blob = _blob_writer(conn, len(msg.raw))
+    content: dict[str, Any] = {"raw": msg.raw} if blob is None else {"raw_size": len(msg.raw)}
     pk = _new_id(
         conn,
-        _INSERT_MESSAGE_ZEROBLOB if by_blob else _INSERT_MESSAGE,
+        _INSERT_MESSAGE if blob is None else _INSERT_MESSAGE_ZEROBLOB,
         given
         | content
         | dict(
@@ -139,8 +145,8 @@ def add_message(
             received_at=utcnow(),
         ),
     )
-    if by_blob:
-        _write_blob(conn, pk, msg.raw)
+    if blob is not None:
+        _write_blob(blob, pk, msg.raw)
     # Bounded: parse() keeps at most MAX_REFERENCES + 1 parents however many ids the
     # headers name, so a hostile References cannot make one insert hold the write lock long.
     refs = [{"message_pk": pk, "position": n, "ref_id": r} for n, r in enumerate(msg.parents)]
