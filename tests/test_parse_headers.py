@@ -120,7 +120,7 @@ def test_content_hash_slices_keep_a_crlf_split_between_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A CRLF that straddles two hash slices is still read as one LF."""
-    monkeypatch.setattr(parse_module, "_HASH_SLICE", 7)
+    monkeypatch.setattr(parse_module, "_SLICE", 7)
     raw = b"Subject: s\r\n\r\n" + b"abcdef\r\nxy\r\r\n\r\n" * 50
     assert content_hash(raw) == _old_hash(raw)
 

@@ -1,9 +1,10 @@
 """Lenient parsing of raw RFC 5322 bytes into the few facts routing needs.
 
 Only the header section is parsed (``compat32``, which never raises on odd headers:
-``email.policy.default`` does on some Exchange Message-IDs).  Id headers are read by a
-forgiving tokenizer: missing angle brackets, commas, quotes, folding inside an id and
-free text around it are all seen in real mail.
+``email.policy.default`` does on some Exchange Message-IDs), and only it is handed to the
+email package: a body is hashed in slices and read only for a report (lazily).  Id
+headers are read by a forgiving tokenizer: missing angle brackets, commas, quotes,
+folding inside an id and free text around it are all seen in real mail.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ _TRACE_NAME_RE = re.compile(
 )
 # How much of a message is converted (CRLF → LF) at a time, for its hash and its Maildir
 # copy: a 25 MB message then costs a few such slices of extra memory, not two copies.
-_HASH_SLICE = 256 * 1024
+_SLICE = 256 * 1024
 
 
 def header_section(raw: bytes) -> bytes:
@@ -277,7 +278,7 @@ def lf_slices(raw: bytes, start: int = 0, size: int | None = None) -> Iterator[b
     The same bytes as ``raw[start:].replace(b"\\r\\n", b"\\n")`` without that copy of the
     whole message: a slice never ends between the CR and the LF of a pair.
     """
-    step = max(2, size or _HASH_SLICE)
+    step = max(2, size or _SLICE)
     total = len(raw)
     pos = start
     while pos < total:
