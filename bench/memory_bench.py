@@ -9,20 +9,31 @@ the peak growth over the resident size before the messages, until their 250 (ing
 DATA, parse, hash, insert) and until their Maildir copies are written (delivery too),
 each as a ratio to the bytes in flight; and what stays resident afterwards.
 ``--breakdown`` also measures, in this process with tracemalloc, what the pure-Python
-steps of ingest allocate at their peak for one such message.
+steps of ingest allocate at their peak for one such message.  The last line is
+``ratio peak/size: X`` (the peak growth to the 250 over the bytes in flight), the line CI
+smoke-checks.
+
+``--many N`` measures something else: whether the resident size stays flat.  It sends N
+distinct ~4 KB messages over a few SMTP sessions (a new session every 100 messages, as
+an MTA's connection cache does), waits until all are delivered, and prints the resident
+size at the start, every tenth of the way and at the end; its last line is
+``ratio rss end/start: X``.
 
     python bench/memory_bench.py --quick       # 8 MiB
     python bench/memory_bench.py --size 26     # the message of the issue
     python bench/memory_bench.py --quick --parallel 4
+    python bench/memory_bench.py --many 20000  # RSS over many small messages
 
 Not a test: it prints figures and never fails because a machine is slow.  Bounded: at
-most 16 messages, every wait has a timeout, loopback only.  Linux only (reads /proc).
+most 16 big messages and 200,000 small ones, every wait has a timeout, loopback only.
+Linux only (reads /proc).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import random
 import smtplib
@@ -32,6 +43,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +112,16 @@ def send(port: int, data: bytes) -> None:
         raise SystemExit(f"refused: {refused}")
 
 
-def measure(size: int, parallel: int = 1) -> dict[str, float]:
+@dataclass
+class Daemon:
+    pid: int
+    port: int
+    maildir: Path
+
+
+@contextlib.contextmanager
+def daemon(max_message_size: int) -> Iterator[Daemon]:
+    """``mailrouter run`` on 127.0.0.1 in its own state dir, warmed up by one message."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="mr-membench-") as tmp:
         state = Path(tmp) / "state"
@@ -107,7 +129,7 @@ def measure(size: int, parallel: int = 1) -> dict[str, float]:
         config.write_text(
             f'state_dir = "{state}"\n'
             f'[templates]\ndirectory = "{ROOT / "config" / "templates"}"\n'
-            f"[smtp]\nport = {port}\nmax_message_size = {size + 4 * MIB}\n"
+            f"[smtp]\nport = {port}\nmax_message_size = {max_message_size}\n"
             "[outbox]\npoll_interval = 0.2\n"
             '[accounts.sales]\naddress = "sales@example.test"\n'
         )
@@ -135,29 +157,7 @@ def measure(size: int, parallel: int = 1) -> dict[str, float]:
             if not wait_for(lambda: maildir_count(maildir) == 1, 30):
                 raise SystemExit("warm-up message not delivered within 30 s")
             time.sleep(0.5)
-            messages = [make_message(size, f"big-{i}") for i in range(parallel)]
-            before = status(proc.pid)["VmRSS"]
-            reset_peak(proc.pid)
-            t0 = time.monotonic()
-            senders = [threading.Thread(target=send, args=(port, m)) for m in messages]
-            for t in senders:
-                t.start()
-            for t in senders:
-                t.join(120)
-            ingest_s = time.monotonic() - t0
-            ingest_peak = status(proc.pid)["VmHWM"]
-            if not wait_for(lambda: maildir_count(maildir) == 1 + parallel, 120):
-                raise SystemExit("big messages not delivered within 120 s")
-            time.sleep(0.5)
-            total = status(proc.pid)
-            return {
-                "size": sum(len(m) for m in messages),
-                "before": before,
-                "ingest_peak": ingest_peak - before,
-                "total_peak": total["VmHWM"] - before,
-                "after": total["VmRSS"] - before,
-                "ingest_s": ingest_s,
-            }
+            yield Daemon(proc.pid, port, maildir)
         finally:
             proc.terminate()
             try:
@@ -165,6 +165,73 @@ def measure(size: int, parallel: int = 1) -> dict[str, float]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def measure(size: int, parallel: int = 1) -> dict[str, float]:
+    with daemon(size + 4 * MIB) as d:
+        messages = [make_message(size, f"big-{i}") for i in range(parallel)]
+        before = status(d.pid)["VmRSS"]
+        reset_peak(d.pid)
+        t0 = time.monotonic()
+        senders = [threading.Thread(target=send, args=(d.port, m)) for m in messages]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(120)
+        ingest_s = time.monotonic() - t0
+        ingest_peak = status(d.pid)["VmHWM"]
+        if not wait_for(lambda: maildir_count(d.maildir) == 1 + parallel, 120):
+            raise SystemExit("big messages not delivered within 120 s")
+        time.sleep(0.5)
+        total = status(d.pid)
+        return {
+            "size": sum(len(m) for m in messages),
+            "before": before,
+            "ingest_peak": ingest_peak - before,
+            "total_peak": total["VmHWM"] - before,
+            "after": total["VmRSS"] - before,
+            "ingest_s": ingest_s,
+        }
+
+
+def many(count: int, sessions: int = 4) -> list[tuple[int, int]]:
+    """Send ``count`` ~4 KB messages on ``sessions`` at once; (messages, RSS) samples."""
+    with daemon(1 * MIB) as d:
+        samples = [(0, status(d.pid)["VmRSS"])]
+        sent = [0] * sessions
+        failed: list[BaseException] = []
+
+        def sender(n: int) -> None:
+            mine = range(n, count, sessions)
+            try:
+                for batch in range(0, len(mine), 100):
+                    with smtplib.SMTP("127.0.0.1", d.port, timeout=120) as c:
+                        for i in mine[batch : batch + 100]:
+                            data = make_message(4096, f"many-{i}")
+                            c.sendmail("carol@customer.test", ["sales@example.test"], data)
+                            sent[n] += 1
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                failed.append(exc)
+
+        threads = [threading.Thread(target=sender, args=(n,), daemon=True) for n in range(sessions)]
+        for t in threads:
+            t.start()
+        step = max(1, count // 10)
+        mark = step
+        deadline = time.monotonic() + 60 + count * 0.05
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            done = sum(sent)
+            if done >= mark:
+                samples.append((done, status(d.pid)["VmRSS"]))
+                mark += step
+            time.sleep(0.1)
+        if failed or any(t.is_alive() for t in threads):
+            raise SystemExit(f"sending failed or timed out: {failed[:1]}")
+        if not wait_for(lambda: maildir_count(d.maildir) == 1 + count, 60 + count * 0.02):
+            raise SystemExit(f"{count} messages not delivered in time")
+        time.sleep(0.5)
+        samples.append((count, status(d.pid)["VmRSS"]))
+        return samples
 
 
 def breakdown(size: int) -> list[tuple[str, int]]:
@@ -191,7 +258,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="an 8 MiB message")
     ap.add_argument("--parallel", type=int, default=1, help="messages sent at once (1)")
     ap.add_argument("--breakdown", action="store_true", help="also tracemalloc per step")
+    ap.add_argument("--many", type=int, metavar="N", help="RSS over N ~4 KB messages instead")
     args = ap.parse_args()
+    if args.many:
+        count = max(10, min(args.many, 200_000))
+        samples = many(count)
+        for done, rss in samples:
+            print(f"rss after {done:7d} messages {rss / MIB:8.1f} MiB")
+        print(f"ratio rss end/start: {samples[-1][1] / samples[0][1]:.2f}")
+        return
     size = int((8.0 if args.quick else args.size) * MIB)
     r = measure(size, max(1, min(args.parallel, 16)))
     n = r["size"]  # ratios are to the bytes in flight: all messages sent at once
@@ -204,6 +279,7 @@ def main() -> None:
     if args.breakdown:
         for name, peak in breakdown(size):
             print(f"tracemalloc {name:20s} {peak / MIB:8.1f} MiB  ratio {peak / n:.2f}")
+    print(f"ratio peak/size: {r['ingest_peak'] / n:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Lenient parsing of raw RFC 5322 bytes into the few facts routing needs.
 
 Only the header section is parsed (``compat32``, which never raises on odd headers:
-``email.policy.default`` does on some Exchange Message-IDs).  Id headers are read by a
-forgiving tokenizer: missing angle brackets, commas, quotes, folding inside an id and
-free text around it are all seen in real mail.
+``email.policy.default`` does on some Exchange Message-IDs), and only it is handed to the
+email package: a body is hashed in slices and read only for a report (lazily).  Id
+headers are read by a forgiving tokenizer: missing angle brackets, commas, quotes,
+folding inside an id and free text around it are all seen in real mail.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.header import Header, decode_header, make_header
@@ -33,6 +34,8 @@ __all__ = [
     "content_hash",
     "decode_text",
     "format_id",
+    "header_section",
+    "lf_slices",
     "parse",
     "parse_ids",
     "strip_reply_prefixes",
@@ -192,31 +195,98 @@ def strip_reply_prefixes(subject: str) -> str:
     return _REPLY_PREFIX_RE.sub("", subject).strip()
 
 
-def _split_head(raw: bytes) -> tuple[bytes, bytes]:
-    data = raw.replace(b"\r\n", b"\n")
-    head, sep, body = data.partition(b"\n\n")
-    if not sep:
-        return data, b""
-    return head, body
+# The lines the email package takes for header lines (its feedparser's ``headerRE``: a
+# field name and a colon, a folded continuation, or a Unix ``From `` line), each with its
+# line break: CRLF, CR or LF, as its line splitting has it.  The header section ends at
+# the first line that is not one of these, the blank separator line or not.
+_HEADER_LINES_RE = re.compile(
+    rb"(?:(?:From |[\x21-\x39\x3b-\x7e]*:|[\t ])[^\r\n]*(?:\r\n|\r|\n|\Z))*"
+)
+# The end of the hashed header section: two line feeds once CRLF is read as LF.
+_HASH_SEPARATOR_RE = re.compile(rb"\n\r?\n")
+# A trace field's name as ``line.split(b":")[0].strip().lower()`` would find it, matched
+# in place so that a long line is never copied to learn its name.
+_TRACE_NAME_RE = re.compile(
+    rb"[ \t\n\r\x0b\x0c]*(?:"
+    + b"|".join(re.escape(name) for name in sorted(TRACE_HEADERS))
+    + rb")[ \t\n\r\x0b\x0c]*",
+    re.IGNORECASE,
+)
+# How much of a message is converted (CRLF → LF) at a time, for its hash and its Maildir
+# copy: a 25 MB message then costs a few such slices of extra memory, not two copies.
+_SLICE = 256 * 1024
+
+
+def header_section(raw: bytes) -> bytes:
+    """The leading header lines of ``raw``: all the email package reads as headers.
+
+    ``BytesParser(headersonly=True)`` still decodes the whole message to text and joins the
+    body into a payload (about eight times a message's size at its peak); given only these
+    bytes it builds the same header fields and never sees the body.
+    """
+    match = _HEADER_LINES_RE.match(raw)
+    assert match is not None  # the pattern matches the empty string
+    return raw[: match.end()]
 
 
 def content_hash(raw: bytes) -> str:
-    """SHA-256 of the message without trace headers, line endings normalised to LF."""
-    head, body = _split_head(raw)
+    """SHA-256 of the message without trace headers, line endings normalised to LF.
+
+    What is hashed: the header lines up to the first blank line (CRLF read as LF), minus
+    trace fields and their continuation lines, each with an LF; an LF; then the body with
+    CRLF as LF.  Stored hashes are compared to find duplicates, so these bytes never change;
+    they are fed to the hash in place (memoryview slices) and the body in slices, where the
+    message used to be copied whole by ``replace`` and ``partition``.
+    """
     h = hashlib.sha256()
+    view = memoryview(raw)
+    size = len(raw)
+    sep = _HASH_SEPARATOR_RE.search(raw)
+    head_end = sep.start() if sep is not None else size
     keep = True
-    for line in head.split(b"\n"):
-        if line[:1] in (b" ", b"\t"):
-            if keep:
-                h.update(line + b"\n")
-            continue
-        name = line.split(b":", 1)[0].strip().lower()
-        keep = name not in TRACE_HEADERS
+    start = 0
+    while True:
+        nl = raw.find(b"\n", start, head_end)
+        end = nl if nl >= 0 else head_end
+        # The line as it reads after CRLF → LF: a CR just before an LF goes with the LF.
+        stop = (
+            end - 1
+            if end > start and end < size and raw[end] == 0x0A and raw[end - 1] == 0x0D
+            else end
+        )
+        # A continuation line (leading space or tab) is kept or dropped with its field.
+        if raw[start : start + 1] not in (b" ", b"\t"):
+            colon = raw.find(b":", start, stop)
+            keep = _TRACE_NAME_RE.fullmatch(raw, start, colon if colon >= 0 else stop) is None
         if keep:
-            h.update(line + b"\n")
+            h.update(view[start:stop])
+            h.update(b"\n")
+        if nl < 0:
+            break
+        start = nl + 1
     h.update(b"\n")
-    h.update(body)
+    if sep is not None:
+        for piece in lf_slices(raw, sep.end()):
+            h.update(piece)
+    view.release()
     return h.hexdigest()
+
+
+def lf_slices(raw: bytes, start: int = 0, size: int | None = None) -> Iterator[bytes]:
+    """``raw[start:]`` with every CRLF as LF, in slices of about ``size`` bytes.
+
+    The same bytes as ``raw[start:].replace(b"\\r\\n", b"\\n")`` without that copy of the
+    whole message: a slice never ends between the CR and the LF of a pair.
+    """
+    step = max(2, size or _SLICE)
+    total = len(raw)
+    pos = start
+    while pos < total:
+        end = min(pos + step, total)
+        if end < total and raw[end - 1] == 0x0D:
+            end -= 1  # its LF may open the next slice: keep the pair together
+        yield raw[pos:end].replace(b"\r\n", b"\n")
+        pos = end
 
 
 # The header our own outbound mail carries (notify/compose.py).  Seen on inbound mail, it
@@ -415,10 +485,12 @@ def _address(value: object) -> tuple[str, str]:
 
 def parse(raw: bytes, envelope_sender: str | None = None) -> ParsedMessage:
     """Parse ``raw``; never raises on bad input (problems end up in ``.problem``)."""
-    msg = BytesParser(policy=compat32).parsebytes(raw, headersonly=True)
+    # Only the header section is handed to the email package; the body is read only where
+    # a header asks for it (a report's parts, lazily: ParsedMessage.bounce).
+    msg = BytesParser(policy=compat32).parsebytes(header_section(raw), headersonly=True)
     digest = content_hash(raw)
     problem = None
-    if not raw.strip():
+    if not raw or raw.isspace():  # ``not raw.strip()`` without copying the message
         problem = "empty message"
     elif not msg.keys():
         problem = "no header fields (not an RFC 5322 message)"

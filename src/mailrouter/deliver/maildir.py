@@ -36,10 +36,12 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from mailrouter.parse import lf_slices
 
 __all__ = [
     "Drop",
@@ -93,11 +95,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _write_synced(path: Path, data: Iterable[bytes]) -> None:
     # 0600 whatever the umask: these files are customer mail.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with open(fd, "wb") as f:
-        f.write(data)
+        for piece in data:
+            f.write(piece)
         f.flush()
         os.fsync(f.fileno())
 
@@ -137,8 +140,8 @@ def _prepare(drop: Drop) -> Stored | None:
         return Stored(evidence, earlier=True)  # delivered before a crash: do not duplicate
     if links == 1:
         evidence.unlink()  # written, maybe partly, never linked: start over
-    data = drop.raw.replace(b"\r\n", b"\n")  # Maildir files use the local line ending
-    _write_synced(evidence, data)
+    # Maildir files use the local line ending; converted in slices, never a whole copy.
+    _write_synced(evidence, lf_slices(drop.raw))
     return None
 
 
@@ -241,7 +244,7 @@ def maildir_deliver(path: Path, raw: bytes, key: str) -> Stored:
 
 
 def _write_atomic(tmp: Path, final: Path, data: bytes) -> None:
-    _write_synced(tmp, data)
+    _write_synced(tmp, (data,))
     os.rename(tmp, final)
     _fsync_dir(final.parent)
 
