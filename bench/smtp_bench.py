@@ -275,12 +275,15 @@ def pct(xs: list[float], p: float) -> float:
 def wait_line(stream: object, marker: str, timeout: float = 60) -> str:
     """Read ``stream`` (a text pipe) until a line contains ``marker``; bounded."""
     deadline = time.monotonic() + timeout
+    seen: list[str] = []  # the server's last words, for the error
     while time.monotonic() < deadline:
         line = stream.readline()  # type: ignore[attr-defined]
         if not line:
-            raise SystemExit(f"server exited before '{marker}'")
+            said = "".join(seen[-15:])
+            raise SystemExit(f"server exited before '{marker}':\n{said}")
         if marker in line:
             return str(line)
+        seen.append(str(line))
     raise SystemExit(f"no '{marker}' within {timeout}s")
 
 

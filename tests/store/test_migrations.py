@@ -91,3 +91,33 @@ def test_head_downgrades_to_0001_and_upgrades_again(store_settings: Settings) ->
         assert current_revision(db) == head_revision()
     finally:
         db.dispose()
+
+
+@pytest.mark.postgres
+def test_instances_starting_at_once_on_a_fresh_postgresql_all_reach_head() -> None:
+    """Four upgrades of one empty database at the same moment: one migrates, the others
+    wait on the upgrade lock and find the schema at head; none fails on CREATE TABLE."""
+    import threading
+
+    from servers import fresh_database
+
+    with fresh_database() as url:
+        barrier = threading.Barrier(4)
+        results: list[object] = []
+
+        def start() -> None:
+            db = open_database(url)
+            try:
+                barrier.wait(timeout=30)
+                results.append(upgrade(db)[1])
+            except Exception as exc:  # noqa: BLE001 - the assertion below shows it
+                results.append(exc)
+            finally:
+                db.dispose()
+
+        threads = [threading.Thread(target=start) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert results == [head_revision()] * 4, results

@@ -10,6 +10,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 
 from mailrouter.log import event
 from mailrouter.store.db import Database, SchemaError
@@ -37,11 +38,20 @@ def current_revision(db: Database) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+# An arbitrary, fixed advisory-lock key ("mailrt" in ASCII): serialises schema upgrades.
+_UPGRADE_LOCK = 0x6D61696C7274
+
+
 def upgrade(db: Database, revision: str = "head") -> tuple[str | None, str]:
     """Bring the schema to ``revision``; returns (before, after)."""
     before = current_revision(db)
     cfg = _config()
     with db.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Several instances may start at once on one fresh database: the first to get
+            # this lock migrates, the others wait and then find the schema at head (Alembic
+            # itself would race on CREATE TABLE).  Released with the transaction.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     after = current_revision(db)
