@@ -397,10 +397,10 @@ def test_pickup_outbound_is_only_its_directory(tmp_path: Path) -> None:
 )
 def test_check_config_masks_every_database_password(url: str, shown: str) -> None:
     """A database URL's password never appears in check-config's output, wherever it is."""
-    from mailrouter.config.settings import _mask_url
+    from mailrouter.config.settings import mask_url
 
-    assert _mask_url(url) == shown
-    assert "s3cret" not in _mask_url(url) and "w0rd" not in _mask_url(url)
+    assert mask_url(url) == shown
+    assert "s3cret" not in mask_url(url) and "w0rd" not in mask_url(url)
 
 
 def test_reuse_port_is_off_by_default_and_set_per_listener(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from mailrouter import reload
 from mailrouter.config import Settings
 from mailrouter.deliver.outbox import OutboxWorker, queue_counts
-from mailrouter.ingest.smtp import Listener, start_listener
+from mailrouter.ingest.smtp import Listener, return_big_buffers, start_listener
 from mailrouter.ingest.watchers import WatcherSet
 from mailrouter.log import event
 from mailrouter.metrics import PrometheusMetrics
@@ -127,6 +127,9 @@ class Daemon:
 
     async def startup(self) -> None:
         s = self.settings
+        # Once per process, before any message: freed big buffers (DATA, its parse, store
+        # and delivery; IMAP fetches too) go back to the OS instead of a growing heap.
+        return_big_buffers()
         from mailrouter.notify import check_templates
 
         # Off the loop: a render is bounded in a child process, but may take seconds.

@@ -31,6 +31,7 @@ __all__ = [
     "TransferSettings",
     "client_ssl_context",
     "describe",
+    "mask_url",
 ]
 
 DEFAULT_STATE_DIR = "./var"
@@ -393,11 +394,11 @@ def describe(settings: Settings) -> dict[str, Any]:
         return value
 
     out = conv(settings)
-    out["database_url"] = _mask_url(settings.database_url)
+    out["database_url"] = mask_url(settings.database_url)
     return dict(out)
 
 
-def _mask_url(url: str) -> str:
+def mask_url(url: str) -> str:
     """``url`` with its password masked, wherever it is: in the authority (which may itself
     contain unencoded ``@`` and ``:``) or as a ``password=`` style query parameter."""
     scheme, sep, rest = url.partition("://")

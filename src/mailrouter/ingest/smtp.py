@@ -656,8 +656,6 @@ async def start_listener(
     on_accepted: Callable[[], None] | None = None,
 ) -> Listener:
     """Bind ``[lmtp]`` or ``[smtp]`` and start serving; :meth:`Listener.drain` stops it."""
-    # Where big buffers come from: DATA, then its parse, store and delivery.
-    return_big_buffers()
     listener = Listener(pipeline, lmtp=lmtp, on_accepted=on_accepted)
     await listener.start()
     return listener

@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from mailrouter.config import Settings
-from mailrouter.config.settings import _mask_url
+from mailrouter.config.settings import mask_url
 
 __all__ = ["check_database"]
 
@@ -27,7 +27,7 @@ CONNECT_TIMEOUT = 5  # seconds: check-config must answer promptly, not hang on a
 
 def check_database(settings: Settings) -> list[str]:
     """Problems with ``database.url`` (empty when it opens), each naming the key."""
-    shown = _mask_url(settings.database_url)
+    shown = mask_url(settings.database_url)
     try:
         url = make_url(settings.database_url)
     except ArgumentError as exc:
