@@ -7,7 +7,7 @@ from datetime import datetime
 from email.utils import parseaddr
 from typing import Any
 
-from sqlalchemy import Select, bindparam, func, select
+from sqlalchemy import Select, bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from mailrouter.config import Settings
@@ -124,6 +124,13 @@ def sync_accounts(session: Session, settings: Settings) -> AccountMap:
 
     Accounts removed from the config keep their rows: interactions and reports refer to them.
     """
+    if session.get_bind().dialect.name == "postgresql":
+        # Instances starting at once on one database would each insert the same new
+        # accounts and all but one die on the unique address.  This lock conflicts only
+        # with itself and with writes to accounts (readers pass): the second sync waits,
+        # then reads the first one's rows and has nothing to insert.  SQLite needs none:
+        # its writers take the database lock up front (BEGIN IMMEDIATE).
+        session.execute(text("LOCK TABLE accounts IN SHARE ROW EXCLUSIVE MODE"))
     rows = {a.name: a for a in session.scalars(select(Account))}
     for acc in settings.accounts:
         row = rows.get(acc.name)
