@@ -6,17 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from alembic import command
-from sqlalchemy import text
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from helpers import make_settings, scenario
 from mailrouter.config import Settings
 from mailrouter.pipeline import Pipeline
 from mailrouter.runtime import Runtime
 from mailrouter.status import status
-from mailrouter.store.db import open_database
-from mailrouter.store.migrate import _config, current_revision, head_revision, upgrade
+from mailrouter.store.db import Database, open_database
+from mailrouter.store.migrate import current_revision, downgrade, head_revision, upgrade
 from mailrouter.trace import trace
+from servers import SQLITE_ONLY
 
 
 @pytest.fixture
@@ -27,10 +28,10 @@ def store_settings(tmp_path: Path, database_url: str) -> Settings:
 def _to(settings: Settings, revision: str, *, down: bool = False) -> None:
     db = open_database(settings.database_url)
     try:
-        cfg = _config()
-        with db.engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            (command.downgrade if down else command.upgrade)(cfg, revision)
+        if down:
+            downgrade(db, revision)
+        else:
+            upgrade(db, revision)
     finally:
         db.dispose()
 
@@ -89,6 +90,82 @@ def test_head_downgrades_to_0001_and_upgrades_again(store_settings: Settings) ->
     db = open_database(store_settings.database_url)
     try:
         assert current_revision(db) == head_revision()
+    finally:
+        db.dispose()
+
+
+def _columns(db: Database, table: str) -> list[str]:
+    return [c["name"] for c in inspect(db.engine).get_columns(table)]
+
+
+@SQLITE_ONLY
+def test_a_0005_sqlite_store_is_rebuilt_with_raw_last_and_keeps_every_row_and_reference(
+    store_settings: Settings,
+) -> None:
+    """0006 moves messages.raw to the end (SQLite fills a last-column blob in slices); the
+    rebuild keeps every message and every row that points at one, with enforcement back on."""
+    _to(store_settings, "0005")
+    db = open_database(store_settings.database_url)
+    try:
+        assert _columns(db, "messages")[-1] != "raw"
+        with db.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO accounts (name, address, transfer_enabled, transfer_notify,"
+                    " created_at) VALUES ('sales', 'sales@example.test', true, true,"
+                    " '2026-11-28 09:00:00')"
+                )
+            )
+            for n in (1, 2):
+                conn.execute(
+                    text(
+                        "INSERT INTO messages (id, direction, account_id, message_id,"
+                        " synthetic_id, size, content_hash, raw, status, source, received_at)"
+                        " VALUES (:n, 'inbound', 1, :mid, false, 3, 'h', :raw, 'stored',"
+                        " 'smtp', '2026-11-28 09:00:00')"
+                    ),
+                    {"n": n, "mid": f"m{n}@customer.test", "raw": b"raw%d" % n},
+                )
+            conn.execute(
+                text(
+                    "INSERT INTO message_refs (message_pk, position, ref_id)"
+                    " VALUES (2, 0, 'm1@customer.test')"
+                )
+            )
+            conn.execute(
+                text("INSERT INTO message_recipients (message_pk, account_id) VALUES (2, 1)")
+            )
+        assert upgrade(db) == ("0005", head_revision())
+        assert _columns(db, "messages")[-1] == "raw"
+        with db.engine.connect() as conn:
+            rows = conn.execute(text("SELECT id, message_id, raw FROM messages ORDER BY id"))
+            assert [tuple(r) for r in rows] == [
+                (1, "m1@customer.test", b"raw1"),
+                (2, "m2@customer.test", b"raw2"),
+            ]
+            assert conn.execute(text("SELECT count(*) FROM message_refs")).scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall() == []
+            # The pooled connection enforces references again after the upgrade.
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            with pytest.raises(IntegrityError):
+                conn.execute(
+                    text("INSERT INTO message_recipients (message_pk, account_id) VALUES (9, 1)")
+                )
+        names = {ix["name"] for ix in inspect(db.engine).get_indexes("messages")}
+        assert {"ix_messages_interaction", "ix_messages_status"} <= names
+    finally:
+        db.dispose()
+
+
+@SQLITE_ONLY
+def test_a_fresh_sqlite_store_has_raw_as_the_last_column_of_messages(
+    store_settings: Settings,
+) -> None:
+    """Guards 0006 against a later migration that adds a column to messages after raw."""
+    db = open_database(store_settings.database_url)
+    try:
+        upgrade(db)
+        assert _columns(db, "messages")[-1] == "raw"
     finally:
         db.dispose()
 

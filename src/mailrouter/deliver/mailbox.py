@@ -31,6 +31,7 @@ __all__ = [
     "relay_of_outbound",
     "send_outbound",
     "settle_maildirs",
+    "trace_head",
     "with_trace_headers",
 ]
 
@@ -118,7 +119,30 @@ def with_trace_headers(
     delivered_to: str | None = None,
     strip_return_path: bool = False,
 ) -> bytes:
-    """Prepend ``X-Mailrouter-*`` trace headers, dropping inbound copies of them first.
+    """``raw`` with our trace fields in front: :func:`trace_head` joined."""
+    head, body = trace_head(
+        raw,
+        interaction_id,
+        routed_from,
+        return_path=return_path,
+        delivered_to=delivered_to,
+        strip_return_path=strip_return_path,
+    )
+    return head + body
+
+
+def trace_head(
+    raw: bytes,
+    interaction_id: int | None,
+    routed_from: str | None,
+    *,
+    return_path: str | None = None,
+    delivered_to: str | None = None,
+    strip_return_path: bool = False,
+) -> tuple[bytes, bytes]:
+    """The ``X-Mailrouter-*`` trace fields to prepend, and ``raw`` without inbound copies
+    of them (``raw`` itself, not a copy, when it has none): kept apart so that a writer
+    can put one before the other without joining them into a second copy of the message.
 
     As a final delivery (an MDA) does, ``return_path`` (the envelope sender; ``""`` is the
     null sender, written ``<>``) replaces any inbound ``Return-Path`` at the top, and
@@ -140,7 +164,7 @@ def with_trace_headers(
         lines.append(b"X-Mailrouter-Interaction: " + str(interaction_id).encode() + eol)
     if routed_from:
         lines.append(b"X-Mailrouter-Routed-From: " + routed_from.encode() + eol)
-    return b"".join(lines) + raw
+    return b"".join(lines), raw
 
 
 def adds_envelope_headers(account: AccountSettings) -> bool:

@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from mailrouter.parse import lf_slices
@@ -66,6 +67,7 @@ class Drop:
     path: Path
     raw: bytes
     key: str
+    head: bytes = b""  # fields written in front of ``raw`` (our trace fields)
 
     @property
     def evidence(self) -> Path:
@@ -141,7 +143,7 @@ def _prepare(drop: Drop) -> Stored | None:
     if links == 1:
         evidence.unlink()  # written, maybe partly, never linked: start over
     # Maildir files use the local line ending; converted in slices, never a whole copy.
-    _write_synced(evidence, lf_slices(drop.raw))
+    _write_synced(evidence, chain(lf_slices(drop.head), lf_slices(drop.raw)))
     return None
 
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import case, func, insert, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -42,13 +42,14 @@ from mailrouter.deliver.mailbox import (
     relay_of_outbound,
     send_outbound,
     settle_maildirs,
-    with_trace_headers,
+    trace_head,
 )
 from mailrouter.log import event
 from mailrouter.notify.compose import Composed
 from mailrouter.parse import format_id, parse
 from mailrouter.retry import backoff, wait_first, wait_unless_stopped
 from mailrouter.runtime import Runtime
+from mailrouter.store.blobs import BLOB_THRESHOLD, blob_connection, read_raw
 from mailrouter.store.inserts import add_message, insert_outbox
 from mailrouter.store.instances import claim_is_dead, heartbeat, register, retire
 from mailrouter.store.models import (
@@ -111,7 +112,7 @@ class Job:
     kind: str
     account: str
     interaction_id: int | None
-    payload: bytes
+    payload: bytes  # the message; for a delivery without ``head``, as stored
     message_id: str
     envelope_from: str
     envelope_to: list[str]
@@ -120,6 +121,12 @@ class Job:
     key: str
     created_at: datetime
     relay: str  # where the attempt goes: maildir, pickup, smtp:HOST:PORT, …
+    head: bytes = b""  # trace fields to write in front of ``payload``
+
+    @property
+    def whole(self) -> bytes:
+        """The message as it goes out: ``head`` and ``payload`` (copied only with a head)."""
+        return self.head + self.payload if self.head else self.payload
 
 
 @dataclass(frozen=True)
@@ -287,6 +294,7 @@ class OutboxWorker:
         # ingest shares, once per batch; the unit of work's bookkeeping cost more than
         # the SQL itself.
         conn = s.connection()
+        blobs = blob_connection(conn, BLOB_THRESHOLD)  # SQLite: big messages in slices
         # SKIP LOCKED lets several instances share the PostgreSQL outbox; SQLAlchemy
         # drops it on SQLite, where BEGIN IMMEDIATE already serialises claimers.
         ids = list(
@@ -322,9 +330,11 @@ class OutboxWorker:
                 o.attempts,
                 o.deadline,
                 o.created_at,
+                m.id.label("message_pk"),
                 m.message_id,
                 m.content_hash,
-                m.raw,
+                # A big message is read from its pages afterwards (store/blobs.py).
+                (m.raw if blobs is None else case((m.size < BLOB_THRESHOLD, m.raw))).label("raw"),
                 m.envelope_from.label("message_envelope_from"),
                 m.account_id.label("message_account_id"),
                 m.routed_to_account_id,
@@ -335,7 +345,11 @@ class OutboxWorker:
         ).all()
         jobs: list[Job] = []
         for ob in rows:
-            has_message = ob.raw is not None
+            has_message = ob.message_pk is not None
+            raw = ob.raw
+            if has_message and raw is None and blobs is not None:
+                raw = read_raw(blobs, ob.message_pk)
+            head = b""
             payload = ob.payload
             account = self.rt.accounts.name(ob.account_id)
             relay = relay_of_outbound(self.settings.outbound)
@@ -354,8 +368,10 @@ class OutboxWorker:
                     # from our MAIL FROM and RCPT TO, so only the inbound ones go.
                     sender = ob.message_envelope_from
                     mda = sender is not None and adds_envelope_headers(acc)
-                    payload = with_trace_headers(
-                        ob.raw,
+                    # The trace fields apart from the body: a big message is never
+                    # copied whole to put them in front (the Maildir writer writes both).
+                    head, payload = trace_head(
+                        raw,
                         ob.interaction_id,
                         routed_from,
                         return_path=sender if mda else None,
@@ -370,6 +386,7 @@ class OutboxWorker:
                     account=account,
                     interaction_id=ob.interaction_id,
                     payload=payload,
+                    head=head,
                     message_id=ob.message_id if has_message else "",
                     envelope_from=envelope_from,
                     envelope_to=[a for a in ob.envelope_to.split(",") if a],
@@ -517,21 +534,21 @@ class OutboxWorker:
         d = self.settings.account(job.account).delivery
         if d.type != "maildir" or d.path is None:
             return None
-        return Drop(d.path, job.payload, job.key)
+        return Drop(d.path, job.payload, job.key, head=job.head)
 
     async def _attempt(self, job: Job) -> Delivered:
         if job.kind == OutboxKind.DELIVER.value:
             acc = self.settings.account(job.account)
             return await deliver_to_account(
                 acc,
-                job.payload,
+                job.whole,
                 message_id=job.message_id,
                 key=job.key,
                 mail_from=job.envelope_from,
             )
         return await send_outbound(
             self.settings.outbound,
-            job.payload,
+            job.whole,
             envelope_from=job.envelope_from,
             envelope_to=job.envelope_to,
             key=job.key,

@@ -3,12 +3,11 @@ interactions, outbox rows.  Core statements built once, no business rules.
 
 Core, not ORM objects: these run once or more per message on the ingest path, where the
 unit of work's bookkeeping cost several times the SQL itself.  A big message's bytes are
-written into SQLite through an incremental blob, in slices (:data:`BLOB_WRITE_THRESHOLD`).
+written into SQLite in slices (``store/blobs.py``).
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -17,6 +16,7 @@ from sqlalchemy import Connection, Insert, Integer, bindparam, func, insert
 from sqlalchemy.orm import Session
 
 from mailrouter.parse import ParsedMessage, format_id
+from mailrouter.store.blobs import blob_connection, write_raw
 from mailrouter.store.models import (
     INTERACTIONS,
     MESSAGE_RECIPIENTS,
@@ -28,7 +28,6 @@ from mailrouter.store.models import (
 )
 
 __all__ = [
-    "BLOB_WRITE_THRESHOLD",
     "add_message",
     "add_recipients",
     "insert_interaction",
@@ -45,37 +44,6 @@ _INSERT_REF = insert(MESSAGE_REFS)
 _INSERT_RECIPIENT = insert(MESSAGE_RECIPIENTS)
 _INSERT_OUTBOX = insert(OUTBOX)
 _INSERT_INTERACTION = insert(INTERACTIONS)
-
-
-# From this size on, SQLite gets a message's bytes through an incremental blob: the insert
-# binds only its length (``zeroblob(n)``) and the bytes follow in slices.  A bound blob is
-# copied by the driver (SQLITE_TRANSIENT), and the cached prepared statement keeps that
-# copy until it next runs: a 25 MB message stayed resident once more after its 250 and sat
-# under the delivery's peak (docs/benchmarks.md).  The insert's own peak is the same either
-# way (~2x: ``raw`` is not the row's last column, so SQLite expands the zeroblob into the
-# record).  Small messages keep the plain bind: one statement on the hot path.  PostgreSQL
-# binds as ever.
-BLOB_WRITE_THRESHOLD = 1024 * 1024
-_BLOB_SLICE = 1024 * 1024
-
-
-def _blob_writer(conn: Connection, size: int) -> sqlite3.Connection | None:
-    """The sqlite3 connection to write a ``size``-byte message through, or None (bind it)."""
-    if size < BLOB_WRITE_THRESHOLD or conn.dialect.name != "sqlite":
-        return None
-    dbapi = conn.connection.driver_connection
-    return dbapi if isinstance(dbapi, sqlite3.Connection) else None
-
-
-def _write_blob(dbapi: sqlite3.Connection, pk: int, raw: bytes) -> None:
-    """Fill the zeroed ``raw`` of message ``pk`` with ``raw``, one slice at a time."""
-    view = memoryview(raw)
-    try:
-        with dbapi.blobopen(MESSAGES.name, "raw", pk) as blob:
-            for start in range(0, len(raw), _BLOB_SLICE):
-                blob.write(view[start : start + _BLOB_SLICE])
-    finally:
-        view.release()
 
 
 def _new_id(conn: Connection, stmt: Insert, params: dict[str, Any]) -> int:
@@ -109,7 +77,7 @@ def add_message(
     """
     conn = session.connection()
     given = {} if pk is None else {"id": pk}
-    blob = _blob_writer(conn, len(msg.raw))
+    blob = blob_connection(conn, len(msg.raw))
     content: dict[str, Any] = {"raw": msg.raw} if blob is None else {"raw_size": len(msg.raw)}
     pk = _new_id(
         conn,
@@ -146,7 +114,7 @@ def add_message(
         ),
     )
     if blob is not None:
-        _write_blob(blob, pk, msg.raw)
+        write_raw(blob, pk, msg.raw)
     # Bounded: parse() keeps at most MAX_REFERENCES + 1 parents however many ids the
     # headers name, so a hostile References cannot make one insert hold the write lock long.
     refs = [{"message_pk": pk, "position": n, "ref_id": r} for n, r in enumerate(msg.parents)]

@@ -202,7 +202,6 @@ class Message(Base):
     date: Mapped[datetime | None] = mapped_column(UTCDateTime())
     size: Mapped[int] = mapped_column(Integer)
     content_hash: Mapped[str] = mapped_column(String(64))
-    raw: Mapped[bytes] = mapped_column(LargeBinary)
     automatic: Mapped[str | None] = mapped_column(String(200))  # why it is auto-generated
     status: Mapped[str] = mapped_column(String(10), default="stored")  # stored | held
     hold_reason: Mapped[str | None] = mapped_column(Text)
@@ -214,6 +213,9 @@ class Message(Base):
     step: Mapped[str | None] = mapped_column(String(50))  # the routing rule that decided
     matched_id: Mapped[str | None] = mapped_column(String(998))  # the stored id it matched
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    # Last, and every migration keeps it last (0006): SQLite fills a last-column blob in
+    # slices without ever holding the whole message (store/inserts.py).
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
 
     account: Mapped[Account] = relationship(foreign_keys=[account_id], lazy="joined")
     routed_to: Mapped[Account | None] = relationship(

@@ -58,30 +58,39 @@ class WriteBatcher:
         return await fut
 
     async def _run(self, queue: asyncio.Queue[tuple[Op, asyncio.Future[Any]]]) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = [await queue.get()]
-            while len(batch) < MAX_BATCH and not queue.empty():
-                batch.append(queue.get_nowait())
-            # Callers that gave up before the batch started are left out; one that gives up
-            # while it runs still has its operation committed, and its outcome is dropped
-            # below — every outcome is matched to its own future, never shifted.
-            run = [(op, fut) for op, fut in batch if not fut.cancelled()]
-            try:
-                outcomes = await loop.run_in_executor(
-                    self._pool, self._run_batch, [op for op, _ in run]
-                )
-            except Exception as exc:  # noqa: BLE001 - the commit failed: every op failed
-                outcomes = [exc] * len(run)
-            for (_op, fut), outcome in zip(run, outcomes, strict=True):
-                if fut.cancelled():
-                    continue
-                if isinstance(outcome, _Failed):
-                    fut.set_exception(outcome.exc)
-                elif isinstance(outcome, BaseException):
-                    fut.set_exception(outcome)
-                else:
-                    fut.set_result(outcome)
+            await self._next_batch(queue)
+
+    async def _next_batch(self, queue: asyncio.Queue[tuple[Op, asyncio.Future[Any]]]) -> None:
+        """Run the operations waiting now as one transaction and hand out their outcomes.
+
+        A method of its own so that its locals die with it: a loop's variables would keep
+        the last batch's operations, and the messages they hold, alive while the next batch
+        runs (a 25 MB message stayed resident through its own delivery).
+        """
+        batch = [await queue.get()]
+        while len(batch) < MAX_BATCH and not queue.empty():
+            batch.append(queue.get_nowait())
+        # Callers that gave up before the batch started are left out; one that gives up
+        # while it runs still has its operation committed, and its outcome is dropped
+        # below — every outcome is matched to its own future, never shifted.
+        run = [(op, fut) for op, fut in batch if not fut.cancelled()]
+        del batch
+        try:
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._run_batch, [op for op, _ in run]
+            )
+        except Exception as exc:  # noqa: BLE001 - the commit failed: every op failed
+            outcomes = [exc] * len(run)
+        for (_op, fut), outcome in zip(run, outcomes, strict=True):
+            if fut.cancelled():
+                continue
+            if isinstance(outcome, _Failed):
+                fut.set_exception(outcome.exc)
+            elif isinstance(outcome, BaseException):
+                fut.set_exception(outcome)
+            else:
+                fut.set_result(outcome)
 
     def _run_batch(self, ops: list[Op]) -> list[Any]:
         outcomes: list[Any] = []
