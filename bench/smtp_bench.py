@@ -311,6 +311,7 @@ class Figures:
     doubled: int = 0
     startup_s: float = 0.0
     profile: list[str] = field(default_factory=list)  # --py-spy
+    cpu: list[str] = field(default_factory=list)  # the first instance's threads
 
 
 def _figures(label: str, r: ClientResult) -> Figures:
@@ -504,7 +505,33 @@ def stored_ids(url: str) -> set[str]:
         engine.dispose()
 
 
-def py_spy_summary(raw: Path, top: int = 15) -> list[str]:
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of ``pid`` so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with suppress(OSError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_lines(pid: int, before: dict[int, float], wall: float, n: int) -> list[str]:
+    """How busy the event loop's thread and the others were over ``wall`` seconds."""
+    after = thread_cpu(pid)
+    used = {t: after[t] - before.get(t, 0.0) for t in after}
+    main = used.get(pid, 0.0)
+    others = sorted((c for t, c in used.items() if t != pid), reverse=True)
+    busiest = " ".join(f"{c / wall:.0%}" for c in others[:4] if c > 0.005 * wall)
+    total = main + sum(others)
+    return [
+        f"cpu during ingest: event loop thread {main / wall:.0%}, other threads "
+        f"{sum(others) / wall:.0%} (busiest {busiest or '-'}); "
+        f"{total / max(n, 1) * 1000:.2f} ms CPU per message"
+    ]
+
+
+def py_spy_summary(raw: Path, top: int = 30) -> list[str]:
     """Where the samples of a ``py-spy record --format raw`` file fall: own time, then
     the inclusive time of mailrouter's and the drivers' functions."""
     own: Counter[str] = Counter()
@@ -555,11 +582,13 @@ def bench_mailrouter(
                     spy = subprocess.Popen(
                         ["py-spy", "record", "-p", str(procs[0].pid), "-d", str(int(py_spy)),
                          "-r", "200", "--format", "raw", "-o", str(tmp / "spy.raw"),
-                         "--nonblocking"],
+                         "--nonblocking", "--gil"],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )  # fmt: skip
+                cpu_before = thread_cpu(procs[0].pid)
                 r = run_client(port, n, size, conc)
+                cpu = cpu_lines(procs[0].pid, cpu_before, r.wall, len(r.acked) // instances)
                 if spy is not None:
                     spy.wait(py_spy + 60)
                     if (tmp / "spy.raw").exists():
@@ -587,6 +616,7 @@ def bench_mailrouter(
     f = _figures(label, r)
     f.startup_s = startup
     f.profile = profile
+    f.cpu = cpu
     f.all_delivered_s = delivered_at - r.started
     f.delivered_per_s = len(r.acked) / f.all_delivered_s if f.all_delivered_s > 0 else 0.0
     f.ingest_s = ingest_end - r.started
@@ -719,6 +749,8 @@ def main() -> int:
             f"    check: acknowledged {f.acked}/{n}, missing from the store {f.stored_missing}, "
             f"in no Maildir {f.not_delivered}, doubled or unknown {f.doubled}{refused}"
         )
+        for line in f.cpu:
+            print(f"    {line}")
         for line in f.profile:
             print(f"    {line}")
     print()

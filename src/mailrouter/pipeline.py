@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, assert_never
 
-from sqlalchemy import case, delete, select, text, update
+from sqlalchemy import delete, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -28,7 +28,12 @@ from mailrouter.parse import ParsedMessage, format_id, parse
 from mailrouter.retry import backoff
 from mailrouter.routing import INTERNAL_ERROR, Action, Decision, decide
 from mailrouter.runtime import Runtime
-from mailrouter.store.inserts import add_message, add_recipients, insert_interaction
+from mailrouter.store.inserts import (
+    add_message,
+    add_recipients,
+    insert_interaction,
+    touch_interaction,
+)
 from mailrouter.store.models import (
     INTERACTIONS,
     MESSAGE_RECIPIENTS,
@@ -190,8 +195,10 @@ class Pipeline:
         msg, receiving = await asyncio.to_thread(self._prepare, raw, accounts, envelope_sender)
         for attempt in range(1, _BUSY_ATTEMPTS + 1):
             try:
+                # Atomic: _accept_in runs in a savepoint of its own.
                 result = await self.rt.writes.submit(
-                    lambda s: self._accept_in(s, msg, receiving, source, in_mailbox_of)
+                    lambda s: self._accept_in(s, msg, receiving, source, in_mailbox_of),
+                    atomic=True,
                 )
                 break
             except Exception as exc:
@@ -438,20 +445,8 @@ class Pipeline:
         # but never changes its owner: only a transfer does (no automatic return).  Only
         # the customer's own mail becomes the one replies and notices answer: a colleague
         # or stranger who joined by In-Reply-To must never receive the agent's reply.
-        senders = [a for a in (msg.from_email, msg.reply_to_email) if a] or [""]
-        from_customer = case(
-            (INTERACTIONS.c.customer_address.in_(senders), pk),
-            else_=INTERACTIONS.c.last_customer_message_pk,
-        )
-        session.connection().execute(
-            update(INTERACTIONS)
-            .where(INTERACTIONS.c.id == iid)
-            .values(
-                unread=True,
-                status="open",
-                last_activity_at=now,
-                last_customer_message_pk=from_customer,
-            )
+        touch_interaction(
+            session, iid, message_pk=pk, senders=(msg.from_email, msg.reply_to_email), now=now
         )
         if d.rule == "bounce-of" and msg.bounce is not None and d.matched_id is not None:
             # The notice or reply it reports on did not reach the customer after all.

@@ -1,8 +1,10 @@
-"""Row inserts on the hot path: messages with their id references and recipients, new
-interactions, outbox rows.  Core statements built once, no business rules.
+"""Row writes on the hot path: messages with their id references and recipients, new
+interactions and the update a new message makes to its interaction, outbox rows.  Core
+statements built once, no business rules.
 
-Core, not ORM objects: these run once or more per message on the ingest path, where the
-unit of work's bookkeeping cost several times the SQL itself.  A big message's bytes are
+Core, not ORM objects, run as :class:`~mailrouter.store.prepared.Prepared` statements:
+these run once or more per message on the ingest path, where SQLAlchemy's own work cost
+more than the SQL itself.  A big message's bytes are
 written into SQLite in slices (``store/blobs.py``).
 """
 
@@ -12,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Insert, Integer, bindparam, func, insert
+from sqlalchemy import Integer, bindparam, case, func, insert, update
 from sqlalchemy.orm import Session
 
 from mailrouter.parse import ParsedMessage, format_id
@@ -26,31 +28,40 @@ from mailrouter.store.models import (
     Direction,
     utcnow,
 )
+from mailrouter.store.prepared import Prepared
 
 __all__ = [
     "add_message",
     "add_recipients",
     "insert_interaction",
     "insert_outbox",
+    "touch_interaction",
 ]
 
-# Built once: building a statement costs more than running it on SQLite.
-_INSERT_MESSAGE = insert(MESSAGES)
+_INSERT_MESSAGE = Prepared(insert(MESSAGES), returning=MESSAGES)
 # The same row with ``raw`` as zeros of the message's length, filled in afterwards.
-_INSERT_MESSAGE_ZEROBLOB = insert(MESSAGES).values(
-    raw=func.zeroblob(bindparam("raw_size", type_=Integer))
+_INSERT_MESSAGE_ZEROBLOB = Prepared(
+    insert(MESSAGES).values(raw=func.zeroblob(bindparam("raw_size", type_=Integer))),
+    returning=MESSAGES,
 )
-_INSERT_REF = insert(MESSAGE_REFS)
-_INSERT_RECIPIENT = insert(MESSAGE_RECIPIENTS)
-_INSERT_OUTBOX = insert(OUTBOX)
-_INSERT_INTERACTION = insert(INTERACTIONS)
-
-
-def _new_id(conn: Connection, stmt: Insert, params: dict[str, Any]) -> int:
-    """The primary key the insert created (lastrowid on SQLite, RETURNING elsewhere)."""
-    key = conn.execute(stmt, params).inserted_primary_key
-    assert key is not None
-    return int(key[0])
+_INSERT_REF = Prepared(insert(MESSAGE_REFS))
+_INSERT_RECIPIENT = Prepared(insert(MESSAGE_RECIPIENTS))
+_INSERT_OUTBOX = Prepared(insert(OUTBOX), returning=OUTBOX)
+_INSERT_INTERACTION = Prepared(insert(INTERACTIONS), returning=INTERACTIONS)
+_I = INTERACTIONS.c
+_TOUCH_INTERACTION = Prepared(
+    update(INTERACTIONS)
+    .where(_I.id == bindparam("iid"))
+    .values(
+        unread=True,
+        status="open",
+        last_activity_at=bindparam("now", type_=_I.last_activity_at.type),
+        last_customer_message_pk=case(
+            (_I.customer_address.in_([bindparam("s1"), bindparam("s2")]), bindparam("pk")),
+            else_=_I.last_customer_message_pk,
+        ),
+    )
+)
 
 
 def add_message(
@@ -79,9 +90,8 @@ def add_message(
     given = {} if pk is None else {"id": pk}
     blob = blob_connection(conn, len(msg.raw))
     content: dict[str, Any] = {"raw": msg.raw} if blob is None else {"raw_size": len(msg.raw)}
-    pk = _new_id(
+    pk = (_INSERT_MESSAGE if blob is None else _INSERT_MESSAGE_ZEROBLOB).insert(
         conn,
-        _INSERT_MESSAGE if blob is None else _INSERT_MESSAGE_ZEROBLOB,
         given
         | content
         | dict(
@@ -119,16 +129,16 @@ def add_message(
     # headers name, so a hostile References cannot make one insert hold the write lock long.
     refs = [{"message_pk": pk, "position": n, "ref_id": r} for n, r in enumerate(msg.parents)]
     if refs:
-        conn.execute(_INSERT_REF, refs)
-    add_recipients(session, pk, dict.fromkeys(recipients))
+        _INSERT_REF.executemany(conn, refs)
+    rows = [{"message_pk": pk, "account_id": a} for a in dict.fromkeys(recipients)]
+    _INSERT_RECIPIENT.executemany(conn, rows)
     return pk
 
 
 def add_recipients(session: Session, message_pk: int, account_ids: Iterable[int]) -> None:
     """Record more accounts a stored message was addressed to."""
     rows = [{"message_pk": message_pk, "account_id": a} for a in account_ids]
-    if rows:
-        session.connection().execute(_INSERT_RECIPIENT, rows)
+    _INSERT_RECIPIENT.executemany(session.connection(), rows)
 
 
 def insert_interaction(
@@ -141,9 +151,8 @@ def insert_interaction(
     now: datetime,
 ) -> int:
     """A new open, unread interaction owned (and originated) by ``account_id``."""
-    return _new_id(
+    return _INSERT_INTERACTION.insert(
         session.connection(),
-        _INSERT_INTERACTION,
         dict(
             created_at=now,
             account_id=account_id,
@@ -161,4 +170,22 @@ def insert_interaction(
 
 def insert_outbox(session: Session, **values: Any) -> int:
     """One outbox row with the given column values; returns its key."""
-    return _new_id(session.connection(), _INSERT_OUTBOX, values)
+    return _INSERT_OUTBOX.insert(session.connection(), values)
+
+
+def touch_interaction(
+    session: Session,
+    interaction_id: int,
+    *,
+    message_pk: int,
+    senders: tuple[str | None, str | None],
+    now: datetime,
+) -> None:
+    """A new message in the interaction: unread and open again, its activity now, and the
+    message the customer's latest when one of ``senders`` is the customer's address."""
+    first, second = senders
+    s1 = first or second or ""  # no address at all matches only an empty customer one
+    _TOUCH_INTERACTION.execute(
+        session.connection(),
+        {"iid": interaction_id, "now": now, "pk": message_pk, "s1": s1, "s2": second or s1},
+    ).close()

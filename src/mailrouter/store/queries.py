@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from email.utils import parseaddr
 from typing import Any
 
-from sqlalchemy import Select, bindparam, func, select, text
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from mailrouter.config import Settings
@@ -22,6 +23,7 @@ from mailrouter.store.models import (
     Outbox,
     Transfer,
 )
+from mailrouter.store.prepared import Prepared
 
 __all__ = [
     "AccountMap",
@@ -147,29 +149,51 @@ def sync_accounts(session: Session, settings: Settings) -> AccountMap:
 
 
 _M, _R, _RC, _I = MESSAGES.c, MESSAGE_REFS.c, MESSAGE_RECIPIENTS.c, INTERACTIONS.c
-# Built once: these run several times per message, and building a statement costs more
-# than executing it on SQLite (expanding IN-lists keep one cached compilation).
-_INTERACTIONS_OF = (
-    select(_M.message_id, _M.interaction_id, _M.direction)
-    .where(_M.message_id.in_(bindparam("ids", expanding=True)), _M.interaction_id.is_not(None))
-    .order_by(_M.id)
+
+
+# Built once (per IN-list length): these run several times per message, and building a
+# statement costs more than executing it on SQLite.
+def _ids(n: int) -> list[Any]:
+    return [bindparam(f"id{k}") for k in range(n)]
+
+
+@functools.cache
+def _interactions_of(n: int) -> Prepared:
+    """The stored messages among ``n`` ids that are in an interaction, oldest first.
+
+    One statement per list length (at most the ids one message names: parse() keeps
+    MAX_REFERENCES + 1 parents), instead of an expanding IN that Prepared cannot run."""
+    return Prepared(
+        select(_M.message_id, _M.interaction_id, _M.direction)
+        .where(_M.message_id.in_(_ids(n)), _M.interaction_id.is_not(None))
+        .order_by(_M.id)
+    )
+
+
+@functools.cache
+def _interactions_referencing(n: int) -> Prepared:
+    """The messages in an interaction that name one of ``n`` ids, oldest first."""
+    return Prepared(
+        select(_R.ref_id, _M.interaction_id)
+        .join_from(MESSAGE_REFS, MESSAGES, _M.id == _R.message_pk)
+        .where(_R.ref_id.in_(_ids(n)), _M.interaction_id.is_not(None))
+        .order_by(_M.id)
+    )
+
+
+# These return integers and strings only: run on the driver directly (store/prepared.py).
+_OWNER = Prepared(select(_I.account_id).where(_I.id == bindparam("iid")))
+_EXISTING = Prepared(
+    select(_M.id).where(_M.message_id == bindparam("mid"), _M.content_hash == bindparam("h"))
 )
-_INTERACTIONS_REFERENCING = (
-    select(_R.ref_id, _M.interaction_id)
-    .join_from(MESSAGE_REFS, MESSAGES, _M.id == _R.message_pk)
-    .where(_R.ref_id.in_(bindparam("ids", expanding=True)), _M.interaction_id.is_not(None))
-    .order_by(_M.id)
+_RECIPIENTS = Prepared(select(_RC.account_id).where(_RC.message_pk == bindparam("pk")))
+_SENDERS = Prepared(
+    select(_M.from_addr, _M.reply_to, _M.to_addrs).where(
+        _M.interaction_id == bindparam("iid"), _M.direction == "inbound"
+    )
 )
-_OWNER = select(_I.account_id).where(_I.id == bindparam("iid"))
-_EXISTING = select(_M.id).where(
-    _M.message_id == bindparam("mid"), _M.content_hash == bindparam("h")
-)
-_RECIPIENTS = select(_RC.account_id).where(_RC.message_pk == bindparam("pk"))
-_SENDERS = select(_M.from_addr, _M.reply_to, _M.to_addrs).where(
-    _M.interaction_id == bindparam("iid"), _M.direction == "inbound"
-)
-_CUSTOMER = select(_I.customer_address).where(_I.id == bindparam("iid"))
-_OUR_ADDRESSES = select(Account.address)
+_CUSTOMER = Prepared(select(_I.customer_address).where(_I.id == bindparam("iid")))
+_OUR_ADDRESSES = Prepared(select(Account.address))
 
 
 class StoreView:
@@ -186,21 +210,24 @@ class StoreView:
         self._direction: dict[str, str] = {}
         self._our_addresses: set[str] | None = None
 
-    def _first(self, stmt: Select[Any], ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+    def _first(
+        self, stmt: Callable[[int], Prepared], ids: Sequence[str]
+    ) -> dict[str, tuple[Any, ...]]:
         if not ids:
             return {}
         out: dict[str, tuple[Any, ...]] = {}
-        for mid, *rest in self.conn.execute(stmt, {"ids": list(ids)}):
+        params = {f"id{k}": mid for k, mid in enumerate(ids)}
+        for mid, *rest in stmt(len(ids)).rows(self.conn, params):
             out.setdefault(mid, tuple(rest))
         return out
 
     def interactions_of(self, ids: Sequence[str]) -> dict[str, int]:
-        found = self._first(_INTERACTIONS_OF, ids)
+        found = self._first(_interactions_of, ids)
         self._direction.update({mid: direction for mid, (_iid, direction) in found.items()})
         return {mid: iid for mid, (iid, _direction) in found.items()}
 
     def interactions_referencing(self, ids: Sequence[str]) -> dict[str, int]:
-        return {mid: iid for mid, (iid,) in self._first(_INTERACTIONS_REFERENCING, ids).items()}
+        return {mid: iid for mid, (iid,) in self._first(_interactions_referencing, ids).items()}
 
     def outbound(self, ids: Sequence[str]) -> set[str]:
         missing = [mid for mid in ids if mid not in self._direction]
@@ -209,7 +236,7 @@ class StoreView:
         return {mid for mid in ids if self._direction.get(mid) == "outbound"}
 
     def owner_of(self, interaction_id: int) -> str:
-        account_id = self.conn.scalar(_OWNER, {"iid": interaction_id})
+        account_id = _OWNER.scalar(self.conn, {"iid": interaction_id})
         assert account_id is not None, f"interaction {interaction_id} vanished"
         return self.accounts.name(account_id)
 
@@ -217,8 +244,8 @@ class StoreView:
         # Whoever wrote in it, and whoever they addressed (a colleague on Cc).  Our own
         # accounts are among the addressees, but they are left out: they never send
         # inbound mail, and anyone can write From: sales@… to pass for a participant.
-        found = {self.conn.scalar(_CUSTOMER, {"iid": interaction_id}) or ""}
-        for from_addr, reply_to, to_addrs in self.conn.execute(_SENDERS, {"iid": interaction_id}):
+        found = {_CUSTOMER.scalar(self.conn, {"iid": interaction_id}) or ""}
+        for from_addr, reply_to, to_addrs in _SENDERS.rows(self.conn, {"iid": interaction_id}):
             found.add(parseaddr(from_addr or "")[1])
             found.add(reply_to or "")
             found.update((to_addrs or "").split(", "))
@@ -226,12 +253,12 @@ class StoreView:
 
     def _ours(self) -> set[str]:
         if self._our_addresses is None:
-            self._our_addresses = {a.lower() for a in self.conn.scalars(_OUR_ADDRESSES)}
+            self._our_addresses = {a.lower() for (a,) in _OUR_ADDRESSES.rows(self.conn)}
         return self._our_addresses
 
     def existing(self, message_id: str, content_hash: str) -> tuple[int, set[str]] | None:
-        pk = self.conn.scalar(_EXISTING, {"mid": message_id, "h": content_hash})
+        pk = _EXISTING.scalar(self.conn, {"mid": message_id, "h": content_hash})
         if pk is None:
             return None
-        ids = self.conn.scalars(_RECIPIENTS, {"pk": pk})
-        return pk, {self.accounts.name(i) for i in ids}
+        ids = _RECIPIENTS.rows(self.conn, {"pk": pk})
+        return pk, {self.accounts.name(i) for (i,) in ids}
