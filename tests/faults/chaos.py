@@ -645,7 +645,9 @@ def kill_run(
                 return len(mta.acked()) >= floor or mta.proc.poll() is not None
 
             wait_until(due, max(120.0, n * 0.3), f"{floor} messages acknowledged", interval=0.02)
-            time.sleep(rnd.uniform(0.0, 0.25))  # somewhere inside the next transactions
+            # Somewhere inside the next few transactions: short, since at several hundred
+            # messages a second a longer pause let the client finish before the kill.
+            time.sleep(rnd.uniform(0.0, 0.02))
             killed_at = time.time()
             daemon.kill()
             result.kills += 1
