@@ -69,11 +69,12 @@ async def retry_all(rt: RuntimeDep, agent: AdminAgent, wake: WakeDep) -> dict[st
     "/{queue_id}",
     response_model=QueueItemDetail,
     response_model_exclude_unset=True,
-    responses=responses(404),
+    responses=responses(404, 409),
 )
 async def show_item(rt: RuntimeDep, agent: AdminAgent, queue_id: QueueIdPath) -> dict[str, Any]:
     """One item: envelope, headers, and every delivery attempt with its relay, DSN and the
-    server's reply (`queue show ID --json`)."""
+    server's reply (`queue show ID --json`).  409 `not-held`: `m12` names a message that
+    is stored, not held (the detail says where it is)."""
     qid = ops.parse_id(queue_id)
     return await read(rt, lambda s: ops.show(s, qid))
 
