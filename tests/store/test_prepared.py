@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mailrouter.store.db import Database, open_database
@@ -98,6 +99,18 @@ def test_an_insert_that_leaves_out_a_defaulted_column_is_refused_not_written_nul
     del row["unread"]  # the model's default=True
     with db.write() as s, pytest.raises(KeyError, match="unread"):
         _INSERT.insert(s.connection(), row)
+
+
+def test_a_driver_error_is_raised_as_sqlalchemy_raises_it(db: Database) -> None:
+    """The pipeline retries an IntegrityError and 451s an OperationalError: a prepared
+    statement's failures must be those classes, not the driver's own."""
+    row = _row("x", datetime(2026, 12, 8, tzinfo=UTC))
+    with db.write() as s:
+        pk = _INSERT.insert(s.connection(), row)
+    with db.write() as s, pytest.raises(IntegrityError):
+        _INSERT.insert(s.connection(), row | {"id": pk})
+    with db.write() as s, pytest.raises(IntegrityError):
+        _INSERT.executemany(s.connection(), [row | {"id": pk}])
 
 
 def test_an_expanding_in_list_is_refused() -> None:
