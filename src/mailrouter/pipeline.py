@@ -72,14 +72,14 @@ class ThreadBusy(Exception):
     right now (PostgreSQL): this message is resolved again in a moment."""
 
 
-# ThreadBusy lasts as long as another instance's transaction (milliseconds; a group
-# commit of a burst perhaps 100 ms): retried with a short doubling wait, about 3 s in all,
-# before the sender is told 451.
 # Below this size a message is parsed on the event loop (~0.2 ms for 4 KB): a hand-off to
 # a thread and back cost more than that and made the writer thread wait for the GIL.
 # parse() reads only the header section and hashes the body in slices, so its time grows
 # slowly with size; bigger messages still go to a thread so the loop never stalls.
 INLINE_PARSE_LIMIT = 64 * 1024
+# ThreadBusy lasts as long as another instance's transaction (milliseconds; a group
+# commit of a burst perhaps 100 ms): retried with a short doubling wait, about 3 s in all,
+# before the sender is told 451.
 _BUSY_ATTEMPTS = 30
 _BUSY_INITIAL, _BUSY_CAP = 0.005, 0.2
 # "SELECT ... FOR UPDATE NOWAIT" found the row locked.

@@ -144,17 +144,22 @@ def test_disk_full_answers_451_acknowledges_only_what_is_stored_and_recovers(
     rig.lmtp.release()  # delivered at the other end; recording it needs the disk
     rig.daemon.wait_line(lambda line: "disk I/O error" in line, start=mark, within=60)
     assert rig.send("big-while-full", size=300_000) == 451
+    # Over 1 MiB: written through SQLite's blob API (store/blobs.py), whose errors must be
+    # store trouble (451, retried) too, never taken for a routing bug and held.
+    assert rig.send("blob-while-full", size=2_000_000) == 451
     codes = {f"small-{i}": rig.send(f"small-{i}") for i in range(4)}
     assert rig.daemon.alive
     stored = rig.stored()
     assert rig.acked <= stored, f"acknowledged, not stored: {rig.acked - stored}"
-    assert "big-while-full@customer.test" not in stored
+    assert not {"big-while-full@customer.test", "blob-while-full@customer.test"} & stored
+    assert not [x for x in rig.daemon.lines[mark:] if "event=routing-crashed" in x]
 
     resource.prlimit(
         rig.daemon.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
     )
     assert rig.send("after") == 250  # the very next message, no restart
     assert rig.send("big-while-full", size=300_000) == 250  # the sender's retry
+    assert rig.send("blob-while-full", size=2_000_000) == 250
     for tag, code in codes.items():
         if code != 250:
             assert rig.send(tag) == 250

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from mailrouter.store.db import Database, open_database
 from mailrouter.store.migrate import upgrade
 from mailrouter.store.models import INTERACTIONS, Interaction
-from mailrouter.store.prepared import Prepared
+from mailrouter.store.prepared import Prepared, savepoint
 
 _INSERT = Prepared(insert(INTERACTIONS), returning=INTERACTIONS)
 _REOPEN = Prepared(
@@ -111,6 +111,24 @@ def test_a_driver_error_is_raised_as_sqlalchemy_raises_it(db: Database) -> None:
         _INSERT.insert(s.connection(), row | {"id": pk})
     with db.write() as s, pytest.raises(IntegrityError):
         _INSERT.executemany(s.connection(), [row | {"id": pk}])
+
+
+def test_a_savepoint_undoes_its_block_only_and_lets_the_error_through(db: Database) -> None:
+    """What the pipeline relies on for each message: a failing message leaves no rows, the
+    ones before it in the same transaction stay."""
+    when = datetime(2026, 12, 8, tzinfo=UTC)
+    with db.write() as s:
+        conn = s.connection()
+        with savepoint(conn):
+            kept = _INSERT.insert(conn, _row("kept", when))
+        with pytest.raises(IntegrityError), savepoint(conn):
+            _INSERT.insert(conn, _row("undone", when))
+            _INSERT.insert(conn, _row("clash", when) | {"id": kept})
+        with savepoint(conn):  # the transaction goes on after the rollback
+            after = _INSERT.insert(conn, _row("after", when))
+    with db.read() as s:
+        rows = _SUBJECTS.rows(s.connection(), {"status": "closed"})
+        assert [tuple(r) for r in rows] == [(kept, "kept"), (after, "after")]
 
 
 def test_an_expanding_in_list_is_refused() -> None:

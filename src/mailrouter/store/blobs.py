@@ -14,8 +14,11 @@ statement on the hot path.  PostgreSQL binds and selects as ever.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 
 from mailrouter.store.models import MESSAGES
 
@@ -37,7 +40,7 @@ def write_raw(dbapi: sqlite3.Connection, pk: int, raw: bytes) -> None:
     """Fill the zeroed ``raw`` of message ``pk`` with ``raw``, one slice at a time."""
     view = memoryview(raw)
     try:
-        with dbapi.blobopen(MESSAGES.name, "raw", pk) as blob:
+        with _as_store_error("write"), dbapi.blobopen(MESSAGES.name, "raw", pk) as blob:
             for start in range(0, len(raw), _SLICE):
                 blob.write(view[start : start + _SLICE])
     finally:
@@ -46,5 +49,18 @@ def write_raw(dbapi: sqlite3.Connection, pk: int, raw: bytes) -> None:
 
 def read_raw(dbapi: sqlite3.Connection, pk: int) -> bytes:
     """Message ``pk``'s bytes, read from its pages into one ``bytes``."""
-    with dbapi.blobopen(MESSAGES.name, "raw", pk, readonly=True) as blob:
+    with (
+        _as_store_error("read"),
+        dbapi.blobopen(MESSAGES.name, "raw", pk, readonly=True) as blob,
+    ):
         return blob.read()
+
+
+@contextmanager
+def _as_store_error(what: str) -> Iterator[None]:
+    """SQLite's errors (a full disk, say) as SQLAlchemy raises them, so that callers
+    answer 451 and retry as for any other statement, instead of taking them for a bug."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(f"blob {what} messages.raw", None, exc, sqlite3.Error) from exc

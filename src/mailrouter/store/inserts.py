@@ -4,8 +4,8 @@ statements built once, no business rules.
 
 Core, not ORM objects, run as :class:`~mailrouter.store.prepared.Prepared` statements:
 these run once or more per message on the ingest path, where SQLAlchemy's own work cost
-more than the SQL itself.  A big message's bytes are
-written into SQLite in slices (``store/blobs.py``).
+more than the SQL itself.  A big message's bytes are written into SQLite in slices
+(``store/blobs.py``).
 """
 
 from __future__ import annotations

@@ -173,14 +173,23 @@ def savepoint(conn: Connection) -> Iterator[None]:
     Session never heard of); ``Session.begin_nested()`` costs ~10x as much per message."""
     name = f"mr_{next(_savepoints)}"
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+
+    def run(sql: str) -> None:
+        try:
+            cursor.execute(sql)
+        except conn.dialect.loaded_dbapi.Error as exc:
+            # SQLite rolls the whole transaction back on some errors (a full disk), and
+            # the savepoint is gone with it: store trouble, as SQLAlchemy would say.
+            raise _wrapped(conn, sql, (), exc) from exc
+
     try:
-        cursor.execute(f"SAVEPOINT {name}")
+        run(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException:
-            cursor.execute(f"ROLLBACK TO SAVEPOINT {name}")
-            cursor.execute(f"RELEASE SAVEPOINT {name}")
+            run(f"ROLLBACK TO SAVEPOINT {name}")
+            run(f"RELEASE SAVEPOINT {name}")
             raise
-        cursor.execute(f"RELEASE SAVEPOINT {name}")
+        run(f"RELEASE SAVEPOINT {name}")
     finally:
         cursor.close()
