@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from daemon_process import running_daemon
 from helpers import accept, flush, maildir_messages, make_settings, pipeline, raw_headers
 from mailrouter.config import OutboundSettings
 from mailrouter.deliver.errors import PermanentDeliveryError
-from mailrouter.deliver.mailbox import send_outbound, with_trace_headers
+from mailrouter.deliver.mailbox import send_outbound, trace_head
 from mailrouter.pipeline import Pipeline
 from mailrouter.transfer import transfer
 
@@ -28,6 +29,21 @@ FORGED = (
     b"\r\n"
     b"X-Mailrouter-Routed-From: in the body stays\r\n"
 )
+
+
+def with_trace_headers(raw: bytes, *args: Any, **kw: Any) -> bytes:
+    """The copy a delivery writes: trace_head()'s fields, then the message."""
+    head, body = trace_head(raw, *args, **kw)
+    return head + body
+
+
+def test_a_message_with_nothing_to_strip_is_not_copied() -> None:
+    """The body trace_head() hands back is the stored bytes themselves: a big message is
+    never copied to put our fields in front (the Maildir writer writes both)."""
+    raw = b"From: carol@customer.test\nSubject: x\n\n" + b"y" * 100_000
+    head, body = trace_head(raw, 3, "sales@example.test", return_path="carol@customer.test")
+    assert body is raw
+    assert head.startswith(b"Return-Path: <carol@customer.test>\n")
 
 
 def test_inbound_copies_of_our_trace_headers_are_removed() -> None:

@@ -32,7 +32,6 @@ __all__ = [
     "send_outbound",
     "settle_maildirs",
     "trace_head",
-    "with_trace_headers",
 ]
 
 
@@ -108,27 +107,6 @@ def _strip_fields(raw: bytes, *, return_path: bool) -> bytes:
         if not dropping:
             out.append(line)
     return b"".join(out) + raw[end:]
-
-
-def with_trace_headers(
-    raw: bytes,
-    interaction_id: int | None,
-    routed_from: str | None,
-    *,
-    return_path: str | None = None,
-    delivered_to: str | None = None,
-    strip_return_path: bool = False,
-) -> bytes:
-    """``raw`` with our trace fields in front: :func:`trace_head` joined."""
-    head, body = trace_head(
-        raw,
-        interaction_id,
-        routed_from,
-        return_path=return_path,
-        delivered_to=delivered_to,
-        strip_return_path=strip_return_path,
-    )
-    return head + body
 
 
 def trace_head(
