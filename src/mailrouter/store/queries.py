@@ -157,7 +157,7 @@ def _ids(n: int) -> list[Any]:
     return [bindparam(f"id{k}") for k in range(n)]
 
 
-@functools.cache
+@functools.lru_cache(maxsize=128)  # lengths seen: 1 to MAX_REFERENCES + 2
 def _interactions_of(n: int) -> Prepared:
     """The stored messages among ``n`` ids that are in an interaction, oldest first.
 
@@ -170,7 +170,7 @@ def _interactions_of(n: int) -> Prepared:
     )
 
 
-@functools.cache
+@functools.lru_cache(maxsize=128)  # lengths seen: 1 to MAX_REFERENCES + 2
 def _interactions_referencing(n: int) -> Prepared:
     """The messages in an interaction that name one of ``n`` ids, oldest first."""
     return Prepared(
